@@ -1,0 +1,44 @@
+# tandem: `make demo` runs the story on a local cluster, `make test` runs the tests.
+# Both install what they need on a fresh machine (Debian packages, a venv, the stubs).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= /tmp/tandem-demo
+PYTEST_ARGS ?=
+
+.PHONY: all deps venv proto test unit lint demo bench-controller clean
+
+all: test
+
+deps:
+	bash scripts/install-system-deps.sh
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+proto: venv
+	$(PY) proto/generate.py
+
+lint: proto
+	$(VENV)/bin/ruff check csi_driver replication tests bench proto
+	$(VENV)/bin/mypy csi_driver replication
+
+test: deps proto lint
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+unit: proto
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+demo: deps proto
+	$(PY) -m csi_driver.demo --dir $(DEMO_DIR)
+
+bench-controller: deps proto
+	$(PY) bench/bench_controller.py --dir /tmp/tandem-bench-controller
+
+clean:
+	rm -rf $(VENV) csi_driver/_gen/*_pb2*.py csi_driver/_gen/*_pb2*.pyi

@@ -1,0 +1,133 @@
+"""The ``tandem`` command: daemons (controller, node) and operator tools (cluster, volume).
+
+User-facing output is printed here and nowhere else. Bad flags exit 2 with a message that
+names the flag; an operation that fails exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+# gRPC's fork handlers crash children forked (for mount, losetup, mkfs) while its threads are
+# busy ("skipping fork() handlers", then SIGSEGV before exec). The children exec at once and
+# never touch gRPC, so the handlers are not needed. Must be set before grpc is imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+from csi_driver import config as cfg
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def _etcd(args: argparse.Namespace) -> cfg.EtcdConfig:
+    return cfg.EtcdConfig(
+        endpoints=cfg.parse_etcd_endpoints(args.etcd_endpoints),
+        prefix=cfg.check_prefix(args.etcd_prefix),
+    )
+
+
+def cmd_controller(args: argparse.Namespace) -> int:
+    from csi_driver.server import run_controller
+
+    config = cfg.ControllerConfig(
+        csi_socket=cfg.parse_unix_endpoint(args.csi_endpoint, "--csi-endpoint"),
+        etcd=_etcd(args),
+        default_replicas=args.default_replicas,
+    )
+    _run(run_controller(config))
+    return 0
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from csi_driver.server import run_node
+
+    config = cfg.NodeConfig(
+        node_id=args.node_id,
+        csi_socket=cfg.parse_unix_endpoint(args.csi_endpoint, "--csi-endpoint"),
+        agent_listen=cfg.parse_host_port(args.agent_listen, "--agent-listen"),
+        replica_listen=cfg.parse_host_port(args.replica_listen, "--replica-listen"),
+        etcd=_etcd(args),
+        pool_kind=args.pool,
+        pool_dir=Path(args.pool_dir) if args.pool_dir else None,
+        pool_size=cfg.parse_size(args.pool_size) if args.pool_size else 0,
+        lvm_vg=args.lvm_vg,
+        lvm_thin_pool=args.lvm_thin_pool,
+        state_dir=Path(args.state_dir),
+        lease_ttl_s=args.lease_ttl,
+        max_volumes=args.max_volumes,
+    )
+    _run(run_node(config))
+    return 0
+
+
+def _add_daemon_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--csi-endpoint", required=True, help="unix:///path/to/csi.sock")
+    p.add_argument("--etcd-endpoints", required=True, help="http://HOST:PORT[,...]")
+    p.add_argument("--etcd-prefix", default="/tandem/")
+    p.add_argument("--log-level", default="info")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ctl = sub.add_parser("controller", help="run the CSI controller plugin")
+    _add_daemon_flags(ctl)
+    ctl.add_argument("--default-replicas", type=int, default=3)
+    ctl.set_defaults(func=cmd_controller)
+
+    node = sub.add_parser("node", help="run the CSI node plugin on this node")
+    _add_daemon_flags(node)
+    node.add_argument("--node-id", required=True)
+    node.add_argument("--agent-listen", required=True, help="HOST:PORT")
+    node.add_argument("--replica-listen", required=True, help="HOST:PORT")
+    node.add_argument("--pool", default="file", choices=["file", "lvm"])
+    node.add_argument("--pool-dir")
+    node.add_argument("--pool-size", help="file pool capacity, e.g. 10G")
+    node.add_argument("--lvm-vg")
+    node.add_argument("--lvm-thin-pool")
+    node.add_argument("--state-dir", required=True)
+    node.add_argument("--lease-ttl", type=float, default=5.0)
+    node.add_argument("--max-volumes", type=int, default=0)
+    node.set_defaults(func=cmd_node)
+
+    from csi_driver import cli_tools
+
+    cli_tools.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "log_level", "warning"))
+    try:
+        return int(args.func(args))
+    except cfg.ConfigError as exc:
+        print(f"tandem: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

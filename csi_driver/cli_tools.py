@@ -1,0 +1,144 @@
+"""Operator sub-commands: ``tandem cluster ...`` (local dev cluster) and ``tandem volume ...``.
+
+Thin: parse flags, call the library, print. Exit 1 when the operation fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from csi_driver import config as cfg
+
+
+def _cluster_up(args: argparse.Namespace) -> int:
+    from csi_driver import devcluster
+
+    spec = devcluster.up(
+        Path(args.dir).resolve(), args.nodes, cfg.parse_size(args.pool_size),
+        lease_ttl_s=args.lease_ttl,
+    )
+    print(f"cluster up: {len(spec.nodes)} nodes, etcd {spec.etcd_endpoints[0]}")
+    for node in spec.nodes:
+        print(f"  {node.id}: csi {node.csi_endpoint} agent {node.agent_address} netns {node.netns}")
+    print(f"  controller: {spec.controller.csi_endpoint}")
+    print(f"details: {Path(args.dir).resolve() / 'cluster.json'}")
+    return 0
+
+
+def _cluster_status(args: argparse.Namespace) -> int:
+    from csi_driver import devcluster
+
+    status = devcluster.status(Path(args.dir).resolve())
+    print(status.render() if hasattr(status, "render") else status)
+    return 0
+
+
+def _cluster_down(args: argparse.Namespace) -> int:
+    from csi_driver import devcluster
+
+    devcluster.down(Path(args.dir).resolve())
+    print("cluster down")
+    return 0
+
+
+def _kill_node(args: argparse.Namespace) -> int:
+    from csi_driver import devcluster
+
+    devcluster.kill_node(Path(args.dir).resolve(), args.node_id, args.mode)
+    print(f"{args.node_id} killed ({args.mode})")
+    return 0
+
+
+def _revive_node(args: argparse.Namespace) -> int:
+    from csi_driver import devcluster
+
+    devcluster.revive_node(Path(args.dir).resolve(), args.node_id)
+    print(f"{args.node_id} revived")
+    return 0
+
+
+async def _volumes(cluster_dir: Path) -> list[dict[str, Any]]:
+    from csi_driver.state.etcd import EtcdStore
+
+    spec = json.loads((cluster_dir / "cluster.json").read_text())
+    store = EtcdStore([spec["etcd_host_endpoint"]], prefix=spec.get("etcd_prefix", "/tandem/"))
+    try:
+        live = {v.value.node_id for v in await store.list_nodes()}
+        out = []
+        for versioned in await store.list_volumes():
+            rec = versioned.value
+            out.append(
+                {
+                    "id": rec.volume_id, "name": rec.name, "size_bytes": rec.size_bytes,
+                    "phase": rec.phase.value, "replicas": list(rec.replica_nodes()),
+                    "isr": list(rec.isr), "owner": rec.owner, "epoch": rec.epoch,
+                    "live_nodes": sorted(live),
+                }
+            )
+        return out
+    finally:
+        await store.close()
+
+
+def _volume_list(args: argparse.Namespace) -> int:
+    volumes = asyncio.run(_volumes(Path(args.cluster).resolve()))
+    if args.json:
+        print(json.dumps(volumes, indent=2))
+        return 0
+    print(f"{'VOLUME':30} {'NAME':24} {'SIZE':>10} {'PHASE':9} {'OWNER':8} REPLICAS (ISR*)")
+    for v in volumes:
+        reps = " ".join(n + ("*" if n in v["isr"] else "") for n in v["replicas"])
+        size = f"{v['size_bytes'] >> 20}Mi"
+        print(f"{v['id']:30} {v['name'][:24]:24} {size:>10} {v['phase']:9} "
+              f"{v['owner'] or '-':8} {reps}")
+    return 0
+
+
+def _volume_show(args: argparse.Namespace) -> int:
+    volumes = asyncio.run(_volumes(Path(args.cluster).resolve()))
+    match = [v for v in volumes if args.volume in (v["id"], v["name"])]
+    if not match:
+        print(f"tandem: no volume {args.volume!r}", file=sys.stderr)
+        return 1
+    print(json.dumps(match[0], indent=2))
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    cluster = sub.add_parser("cluster", help="local multi-node dev cluster")
+    csub = cluster.add_subparsers(dest="cluster_command", required=True)
+    up = csub.add_parser("up", help="start etcd, a controller and N nodes")
+    up.add_argument("--nodes", type=int, default=3)
+    up.add_argument("--dir", required=True)
+    up.add_argument("--pool-size", default="2G")
+    up.add_argument("--lease-ttl", type=float, default=5.0)
+    up.set_defaults(func=_cluster_up)
+    for name, func in (("status", _cluster_status), ("down", _cluster_down)):
+        p = csub.add_parser(name)
+        p.add_argument("--dir", required=True)
+        p.set_defaults(func=func)
+    kill = csub.add_parser("kill-node", help="kill a node (sigkill or link-down)")
+    kill.add_argument("node_id")
+    kill.add_argument("--dir", required=True)
+    kill.add_argument("--mode", choices=["sigkill", "link-down"], default="sigkill")
+    kill.set_defaults(func=_kill_node)
+    revive = csub.add_parser("revive-node", help="bring a killed node back")
+    revive.add_argument("node_id")
+    revive.add_argument("--dir", required=True)
+    revive.set_defaults(func=_revive_node)
+
+    volume = sub.add_parser("volume", help="inspect volumes of a cluster")
+    vsub = volume.add_subparsers(dest="volume_command", required=True)
+    vlist = vsub.add_parser("list")
+    vlist.add_argument("--cluster", required=True, help="dev cluster directory")
+    vlist.add_argument("--json", action="store_true")
+    vlist.set_defaults(func=_volume_list)
+    vshow = vsub.add_parser("show")
+    vshow.add_argument("volume")
+    vshow.add_argument("--cluster", required=True)
+    vshow.set_defaults(func=_volume_show)

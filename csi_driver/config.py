@@ -1,0 +1,116 @@
+"""Process configuration: frozen dataclasses, validated once at start-up.
+
+Nothing else reads argv or the environment; a bad value is a ``ConfigError`` with a message
+that names the flag, and the CLI turns it into exit status 2.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+TOPOLOGY_KEY = "tandem.csi.io/node"
+DRIVER_NAME = "tandem.csi.io"
+DRIVER_VERSION = "0.1.0"
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid."""
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '4096', '1GiB' -> bytes (binary units)."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ConfigError(f"invalid size {text!r} (examples: 4096, 512M, 2G)")
+    unit = (match.group(2) or "").upper().rstrip("B").rstrip("I")
+    return int(match.group(1)) * _UNITS[unit]
+
+
+def parse_host_port(text: str, flag: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{flag}: expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def parse_unix_endpoint(text: str, flag: str) -> Path:
+    prefix = "unix://"
+    if not text.startswith(prefix) or not text[len(prefix):].startswith("/"):
+        raise ConfigError(f"{flag}: expected unix:///absolute/path.sock, got {text!r}")
+    return Path(text[len(prefix):])
+
+
+def parse_etcd_endpoints(text: str) -> tuple[str, ...]:
+    endpoints = tuple(e.strip() for e in text.split(",") if e.strip())
+    if not endpoints:
+        raise ConfigError("--etcd-endpoints: at least one endpoint is required")
+    for endpoint in endpoints:
+        bare = endpoint.removeprefix("http://")
+        parse_host_port(bare, "--etcd-endpoints")
+    return endpoints
+
+
+def check_prefix(prefix: str) -> str:
+    if not prefix.startswith("/") or not prefix.endswith("/"):
+        raise ConfigError(f"--etcd-prefix must start and end with '/', got {prefix!r}")
+    return prefix
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    endpoints: tuple[str, ...]
+    prefix: str = "/tandem/"
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    csi_socket: Path
+    etcd: EtcdConfig
+    default_replicas: int = 3
+    agent_timeout_s: float = 10.0
+    creating_grace_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node_id: str
+    csi_socket: Path
+    agent_listen: tuple[str, int]
+    replica_listen: tuple[str, int]
+    etcd: EtcdConfig
+    pool_kind: str
+    pool_dir: Path | None
+    pool_size: int
+    lvm_vg: str | None
+    lvm_thin_pool: str | None
+    state_dir: Path
+    lease_ttl_s: float = 5.0
+    max_volumes: int = 0
+
+    def __post_init__(self) -> None:
+        if not _NODE_ID_RE.match(self.node_id):
+            raise ConfigError(f"--node-id: invalid node id {self.node_id!r}")
+        if self.pool_kind not in ("file", "lvm"):
+            raise ConfigError(f"--pool: expected 'file' or 'lvm', got {self.pool_kind!r}")
+        if self.pool_kind == "file" and (self.pool_dir is None or self.pool_size <= 0):
+            raise ConfigError("--pool file needs --pool-dir and a positive --pool-size")
+        if self.pool_kind == "lvm" and not self.lvm_vg:
+            raise ConfigError("--pool lvm needs --lvm-vg")
+        if not 1.0 <= self.lease_ttl_s <= 600:
+            raise ConfigError(f"--lease-ttl must be within 1..600 s, got {self.lease_ttl_s}")
+        if self.max_volumes < 0:
+            raise ConfigError("--max-volumes must be >= 0 (0 = unlimited)")
+
+    @property
+    def agent_address(self) -> str:
+        return f"{self.agent_listen[0]}:{self.agent_listen[1]}"
+
+    @property
+    def replica_address(self) -> str:
+        return f"{self.replica_listen[0]}:{self.replica_listen[1]}"

@@ -1,0 +1,70 @@
+"""Volume ownership: who may write a volume, moved only by etcd compare-and-swap.
+
+Staging a volume on a node makes that node the owner and bumps the volume's epoch (I2);
+unstaging releases it. A volume held by another node whose lease is alive is refused with a
+retryable error (RWO); one held by a node whose lease expired is taken over at once (I6).
+The replicated data path fences replicas with the epoch returned here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from csi_driver import errors
+from csi_driver.state import errors as store_errors
+from csi_driver.state.model import VolumePhase, VolumeRecord
+from csi_driver.state.store import Store
+
+log = logging.getLogger(__name__)
+
+_CAS_RETRIES = 8
+
+
+class Ownership:
+    def __init__(self, store: Store, node_id: str) -> None:
+        self._store = store
+        self._node_id = node_id
+
+    async def acquire(self, volume_id: str) -> VolumeRecord:
+        """Become the owner of ``volume_id``; return the record with our epoch."""
+        for _ in range(_CAS_RETRIES):
+            found = await self._store.get_volume(volume_id)
+            if found is None or found.value.phase is not VolumePhase.READY:
+                raise errors.NotFoundError(f"volume {volume_id} does not exist")
+            record = found.value
+            if record.owner == self._node_id:
+                return record
+            if record.owner is not None and await self._is_alive(record.owner):
+                raise errors.FailedPreconditionError(
+                    f"volume {volume_id} is staged on node {record.owner}, which is alive; "
+                    "unstage it there first (retry later)"
+                )
+            new = record.with_(owner=self._node_id, epoch=record.epoch + 1)
+            try:
+                await self._store.update_volume(new, found.mod_revision)
+            except store_errors.ConflictError:
+                continue
+            log.info(
+                "volume=%s node=%s epoch=%d acquired (previous owner %s)",
+                volume_id, self._node_id, new.epoch, record.owner,
+            )
+            return new
+        raise errors.OperationPendingError(f"volume {volume_id} ownership keeps changing")
+
+    async def release(self, volume_id: str) -> None:
+        """Give up ownership if we hold it (idempotent)."""
+        for _ in range(_CAS_RETRIES):
+            found = await self._store.get_volume(volume_id)
+            if found is None or found.value.owner != self._node_id:
+                return
+            try:
+                await self._store.update_volume(found.value.with_(owner=None), found.mod_revision)
+            except store_errors.ConflictError:
+                continue
+            log.info("volume=%s node=%s epoch=%d released", volume_id, self._node_id,
+                     found.value.epoch)
+            return
+        raise errors.OperationPendingError(f"volume {volume_id} ownership keeps changing")
+
+    async def _is_alive(self, node_id: str) -> bool:
+        return await self._store.get_node(node_id) is not None

@@ -1,0 +1,143 @@
+"""Process wiring: build the controller or node process and run it until signalled.
+
+The only module that knows which servicer listens where. Servers are grpc.aio on the uvloop
+event loop; a unix socket left behind by a dead process is replaced on bind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import grpc
+
+from csi_driver._gen import agent_pb2_grpc, csi_pb2_grpc
+from csi_driver.agent import AgentClients, AgentServicer
+from csi_driver.config import ControllerConfig, NodeConfig
+from csi_driver.controller import ControllerServicer
+from csi_driver.identity import IdentityServicer
+from csi_driver.locks import VolumeLocks
+from csi_driver.membership import Membership
+from csi_driver.node import NodeServicer
+from csi_driver.ownership import Ownership
+from csi_driver.staging import StagingService
+from csi_driver.state import errors as store_errors
+from csi_driver.state.etcd import EtcdStore
+from csi_driver.state.store import Store
+from csi_driver.volumes import VolumeService
+from replication.pool.base import Pool, open_pool
+
+log = logging.getLogger(__name__)
+
+RECONCILE_INTERVAL_S = 10.0
+
+
+def _unix_address(path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    return f"unix://{path}"
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def run_controller(config: ControllerConfig) -> None:
+    store = EtcdStore(list(config.etcd.endpoints), prefix=config.etcd.prefix)
+    agents = AgentClients(config.agent_timeout_s)
+    volumes = VolumeService(store, agents, VolumeLocks())
+    server = grpc.aio.server()
+    csi_pb2_grpc.add_IdentityServicer_to_server(IdentityServicer(True, lambda: True), server)
+    csi_pb2_grpc.add_ControllerServicer_to_server(
+        # reject_unsupported() fills in the RPCs tandem does not implement.
+        ControllerServicer(volumes, config.default_replicas),  # type: ignore[abstract]
+        server,
+    )
+    server.add_insecure_port(_unix_address(config.csi_socket))
+    await server.start()
+    os.chmod(config.csi_socket, 0o600)
+    log.info("controller serving csi=%s", config.csi_socket)
+    reconciler = asyncio.create_task(_reconcile_forever(volumes, config.creating_grace_s))
+    try:
+        await _wait_for_signal()
+    finally:
+        reconciler.cancel()
+        await server.stop(grace=2)
+        await agents.close()
+        await store.close()
+
+
+async def _reconcile_forever(volumes: VolumeService, grace_s: float) -> None:
+    while True:
+        await asyncio.sleep(RECONCILE_INTERVAL_S)
+        try:
+            await volumes.reconcile_once(grace_s, time.time)
+        except (store_errors.StoreError, OSError) as exc:
+            log.warning("reconcile failed: %s", exc)
+
+
+async def sweep_orphans(store: Store, pool: Pool, node_id: str) -> int:
+    """Delete local replicas that no volume record names (volume deleted while we were away)."""
+    removed = 0
+    for info in await asyncio.to_thread(pool.list):
+        found = await store.get_volume(info.volume_id)
+        if found is None or node_id not in found.value.replica_nodes():
+            await asyncio.to_thread(pool.delete, info.volume_id)
+            log.info("volume=%s node=%s orphan replica removed", info.volume_id, node_id)
+            removed += 1
+    return removed
+
+
+def _open_pool(config: NodeConfig) -> Pool:
+    if config.pool_kind == "file":
+        assert config.pool_dir is not None
+        return open_pool("file", directory=config.pool_dir, capacity_bytes=config.pool_size)
+    return open_pool("lvm", vg=config.lvm_vg, thin_pool=config.lvm_thin_pool)
+
+
+async def run_node(config: NodeConfig) -> None:
+    pool = _open_pool(config)
+    store = EtcdStore(list(config.etcd.endpoints), prefix=config.etcd.prefix)
+    staging = StagingService(
+        config.node_id, pool, Ownership(store, config.node_id), config.state_dir
+    )
+    membership = Membership(config, store, pool, staging.staged_count)
+    await membership.register()
+    await sweep_orphans(store, pool, config.node_id)
+
+    agent_server = grpc.aio.server()
+    agent_pb2_grpc.add_AgentServicer_to_server(
+        AgentServicer(config.node_id, pool, membership.capacity_changed), agent_server
+    )
+    agent_server.add_insecure_port(config.agent_address)
+    await agent_server.start()
+
+    csi_server = grpc.aio.server()
+    csi_pb2_grpc.add_IdentityServicer_to_server(IdentityServicer(False, lambda: True), csi_server)
+    csi_pb2_grpc.add_NodeServicer_to_server(
+        NodeServicer(config.node_id, config.max_volumes, staging), csi_server
+    )
+    csi_server.add_insecure_port(_unix_address(config.csi_socket))
+    await csi_server.start()
+    os.chmod(config.csi_socket, 0o600)
+    log.info("node=%s serving csi=%s agent=%s", config.node_id, config.csi_socket,
+             config.agent_address)
+    renewer = asyncio.create_task(membership.run())
+    try:
+        await _wait_for_signal()
+    finally:
+        renewer.cancel()
+        await csi_server.stop(grace=2)
+        await agent_server.stop(grace=2)
+        await membership.leave()
+        await store.close()

@@ -1,0 +1,159 @@
+"""The state-store contract: what the controller and agents may assume about etcd.
+
+``Store`` is abstract so the guarantees are written down in one place, next to
+each method, the way patroni documents its DCS: which reads are linearizable,
+which writes are compare-and-swap, and which keys live and die with a lease.
+``csi_driver.state.etcd.EtcdStore`` is the implementation.
+
+All methods raise ``StoreUnavailableError`` when the backend cannot be reached
+within the deadline; a write that failed that way may still have been applied.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from csi_driver.state.model import NodeRecord, Versioned, VolumeRecord
+
+WATCH_KINDS = ("nodes", "volumes")
+
+
+class WatchEventType(enum.Enum):
+    PUT = "PUT"
+    DELETE = "DELETE"
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """One change under a watched prefix.
+
+    ``key`` is the record id (the key relative to ``<prefix><kind>/``); ``value``
+    is the record's JSON (decode with ``NodeRecord.from_json`` or
+    ``VolumeRecord.from_json``), None for DELETE. ``mod_revision`` is the store
+    revision of the change (for DELETE, the revision of the deletion).
+    """
+
+    type: WatchEventType
+    key: str
+    value: bytes | None
+    mod_revision: int
+
+
+class Store(abc.ABC):
+    """Cluster state: node registrations, volume records, the name index and leases."""
+
+    # -- nodes ---------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def put_node(self, rec: NodeRecord, lease_id: int) -> Versioned[NodeRecord]:
+        """Register or refresh a node, attaching its key to ``lease_id``.
+
+        Unconditional write (last writer wins: only the node itself writes its key).
+        The key is deleted by the backend when the lease expires or is revoked.
+        Raises LeaseExpiredError if the lease is already gone.
+        """
+
+    @abc.abstractmethod
+    async def get_node(self, node_id: str) -> Versioned[NodeRecord] | None:
+        """Linearizable read of one node; None if absent (never registered or lease lost)."""
+
+    @abc.abstractmethod
+    async def list_nodes(self) -> list[Versioned[NodeRecord]]:
+        """Linearizable snapshot of all registered nodes, sorted by node id.
+
+        Only nodes whose lease is alive are present: node keys are attached to the
+        node's lease, so a node that stopped renewing disappears within its TTL.
+        """
+
+    # -- volumes -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_volume(self, rec: VolumeRecord) -> Versioned[VolumeRecord]:
+        """Create-if-absent the volume record and its ``names/<name>`` index entry.
+
+        Both keys are written in one transaction, guarded by "neither key
+        exists". Raises AlreadyExistsError, carrying the volume that holds the id
+        or the name (or None if that volume vanished meanwhile), if either exists.
+        """
+
+    @abc.abstractmethod
+    async def get_volume(self, volume_id: str) -> Versioned[VolumeRecord] | None:
+        """Linearizable read of one volume; None if absent."""
+
+    @abc.abstractmethod
+    async def list_volumes(self) -> list[Versioned[VolumeRecord]]:
+        """Linearizable snapshot of all volumes (one revision), sorted by volume id."""
+
+    @abc.abstractmethod
+    async def update_volume(
+        self, rec: VolumeRecord, expected_mod_revision: int
+    ) -> Versioned[VolumeRecord]:
+        """Compare-and-swap the record: applied only if its mod_revision is unchanged.
+
+        Returns the stored record with its new revision. Raises ConflictError,
+        carrying the current record (None if deleted), when the revision moved.
+        The name is immutable: changing it raises ValueError.
+        """
+
+    @abc.abstractmethod
+    async def delete_volume(self, volume_id: str, expected_mod_revision: int) -> None:
+        """Compare-and-delete the record and its name index entry, atomically.
+
+        Raises ConflictError, carrying the current record (None if already
+        absent), when the record's mod_revision differs from the expected one.
+        """
+
+    @abc.abstractmethod
+    async def volume_id_for_name(self, name: str) -> str | None:
+        """Linearizable lookup of the name index; None if no volume has the name."""
+
+    # -- leases --------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def grant_lease(self, ttl_s: int) -> int:
+        """Grant a new lease of ``ttl_s`` seconds; returns its id."""
+
+    @abc.abstractmethod
+    async def keep_alive_once(self, lease_id: int) -> int:
+        """Renew the lease once; returns the renewed TTL in seconds.
+
+        Raises LeaseExpiredError if the lease is unknown (expired or revoked).
+        The TTL restarts from when the backend received the renewal.
+        """
+
+    @abc.abstractmethod
+    async def revoke_lease(self, lease_id: int) -> None:
+        """Revoke the lease now, deleting every key attached to it.
+
+        Idempotent: revoking an unknown lease succeeds.
+        """
+
+    # -- change feed ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def current_revision(self) -> int:
+        """The store's current revision (linearizable).
+
+        For list-then-watch without gaps: read this first, list, then watch from
+        revision + 1; events already reflected in the listing may be replayed.
+        """
+
+    @abc.abstractmethod
+    def watch_prefix(
+        self, kind: str, start_revision: int | None = None
+    ) -> AsyncIterator[WatchEvent]:
+        """Stream changes to all records of ``kind`` ("nodes" or "volumes").
+
+        Events arrive in revision order, without gaps, from ``start_revision``
+        (inclusive; None means changes after the watch is established). Raises
+        CompactedError if ``start_revision`` was compacted away, and
+        StoreUnavailableError when the backend connection is lost: the watcher
+        then re-lists and re-watches. Close the iterator to cancel the watch.
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections. The store must not be used afterwards."""

@@ -1,0 +1,400 @@
+"""Sans-IO codec of the replication wire protocol: bytes in, events out; events in, bytes out.
+
+Owns: framing, checksums, bounds, the HELLO handshake and the request/response bookkeeping
+of one connection (``Connection``). Must not: touch sockets, asyncio, clocks or threads, or
+import csi_driver, grpc or etcd. The transport feeds ``receive_data`` and writes what the
+``encode_*`` methods return; deadlines and retries belong to the caller.
+
+Frame (big-endian, 50-byte fixed header, ``messages.HEADER``)::
+
+    off  size  field         meaning
+    0    4     magic         b"TDM1"
+    4    4     header_crc    zlib.crc32 of bytes [8, 50 + vid_len): everything after itself
+    8    1     version       1
+    9    1     op            messages.Op
+    10   2     flags         FUA 0x1, NO_HOLE 0x2, NO_PAYLOAD_CRC 0x4000, REPLY 0x8000
+    12   8     request_id    chosen by the client, echoed by the response
+    20   8     epoch         request: owner's epoch; response: replica's fenced epoch
+    28   8     offset        byte offset (SETTLE: the settled sequence number)
+    36   4     length        byte count of the range
+    40   4     payload_len   <= max_payload (default 32 MiB)
+    44   4     payload_crc   zlib.crc32 of the payload; 0 if NO_PAYLOAD_CRC or empty
+    48   1     status        messages.Status; 0 on requests
+    49   1     vid_len       0..128; 0 on HELLO and on every response
+    50   n     volume_id     ASCII [A-Za-z0-9_.-]
+    50+n p     payload
+
+Which fields each op uses is tabled in ``replication.messages``. Before HELLO only HELLO
+is allowed; the client sends nothing else until the HELLO reply says OK. Any violation by
+the peer yields one ``ProtocolErrorEvent`` and closes the connection; misuse by our caller
+raises ``LocalProtocolError``.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Callable
+from enum import Enum
+from typing import Any
+
+from replication import messages as m
+from replication.messages import HEADER_SIZE, MAGIC, Buffer, Event, Op, Request, Response, Status
+
+__all__ = ["Connection", "State"]
+
+_NO_CRC = int(m.Flag.NO_PAYLOAD_CRC)
+_REPLY = int(m.Flag.REPLY)
+_EVENT_FLAGS = int(m.EVENT_FLAGS)
+_FLAG_VALUES = m.EVENT_FLAG_VALUES
+_STATUSES = m.STATUSES
+_RESPONSE_FLAGS = int(m.RESPONSE_WIRE_FLAGS)
+_unpack_header = m.HEADER.unpack_from
+_pack_body = m.HEADER_BODY.pack
+_pack_prefix = m.HEADER_PREFIX.pack
+_crc32 = zlib.crc32
+_new_request = m.new_request
+_new_response = m.new_response
+_CRC_FROM = m.HEADER_CRC_START
+_VERSION = m.PROTOCOL_VERSION
+_Remote = m.RemoteProtocolError
+_Local = m.LocalProtocolError
+
+
+class State(Enum):
+    AWAIT_HELLO = "await_hello"  # nothing exchanged yet
+    HELLO_PENDING = "hello_pending"  # HELLO sent (client) or received (server), no reply yet
+    READY = "ready"
+    CLOSED = "closed"
+
+
+_AWAIT, _PENDING, _READY, _CLOSED = State
+
+
+class Connection:
+    """One end of a replication connection (not thread-safe; one per TCP connection).
+
+    ``authenticate`` gets the peer's HELLO token (a server checks the client's, a client may
+    check the server's); None accepts any. Received payloads are bytes or read-only
+    memoryviews into the received chunk (zero-copy): copy them to keep them."""
+
+    def __init__(
+        self,
+        role: m.Role,
+        *,
+        max_payload: int = m.DEFAULT_MAX_PAYLOAD,
+        max_in_flight: int = m.DEFAULT_MAX_IN_FLIGHT,
+        payload_checksums: bool = True,
+        authenticate: Callable[[bytes], bool] | None = None,
+    ) -> None:
+        if not 0 < max_payload <= 0xFFFFFFFF or max_in_flight < 1:
+            raise ValueError("max_payload must fit u32 and max_in_flight be >= 1")
+        self.role = role
+        self.max_payload = max_payload
+        self.max_in_flight = max_in_flight
+        # Default on: TCP's 16-bit checksum misses real corruption (bad NICs, offload bugs,
+        # bit flips in RAM) and a corrupt write here is persisted on every replica at once,
+        # silently. crc32 of 4 KiB costs ~1 us; turn it off only on links you trust.
+        self.payload_checksums = payload_checksums
+        self.peer_hello: m.Hello | None = None
+        self._authenticate = authenticate
+        self._state = _AWAIT
+        self._buf = bytearray()  # only ever the one frame split across receive_data calls
+        self._need = HEADER_SIZE  # bytes of the pending frame needed before parsing again
+        # request id -> (op, OK reply payload length or -1): checks replies, catches ids
+        # that are unsolicited or reused while in flight, bounds the pipeline.
+        self._in_flight: dict[int, tuple[Op, int]] = {}
+        self._on_frame = self._on_request if role is m.Role.SERVER else self._on_response
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def close(self) -> None:
+        """Stop: later receive_data returns [] and sends raise LocalProtocolError."""
+        self._state = _CLOSED
+        self._buf = bytearray()  # a fresh one: a traceback may still pin the old one's views
+        self._in_flight.clear()
+
+    def receive_eof(self) -> list[Event]:
+        """The peer closed its side: an error if it stopped mid-frame; closes either way."""
+        pending = bool(self._buf)  # close() empties it, so a closed connection has none
+        self.close()
+        return [m.ProtocolErrorEvent("peer closed mid-frame")] if pending else []
+
+    def receive_data(self, data: Buffer) -> list[Event]:
+        """Parse every complete frame in ``data`` (plus what was buffered)."""
+        if self._state is _CLOSED or not data:
+            return []
+        # Events may point into immutable bytes; a caller may reuse other buffers: copy once.
+        view = memoryview(data if type(data) is bytes else bytes(data))
+        events: list[Event] = []
+        try:
+            start = self._complete_pending(view, events) if self._buf else 0
+            if start >= 0:
+                pos = self._parse(view, start, False, events)
+                if pos < len(view) and self._state is not _CLOSED:
+                    self._buf += view[pos:]
+        except _Remote as exc:
+            events.append(m.ProtocolErrorEvent(str(exc), exc.reply))
+            self.close()
+        return events
+
+    def _complete_pending(self, view: memoryview, events: list[Event]) -> int:
+        """Feed the buffered partial frame from ``view``; bytes of view used, or -1 if all."""
+        buf = self._buf
+        used = 0
+        while True:
+            take = self._need - len(buf)
+            if take > len(view) - used:
+                buf += view[used:]
+                return -1
+            buf += view[used : used + take]
+            used += take
+            with memoryview(buf) as bmv:
+                done = self._parse(bmv, 0, True, events)
+            if done:  # the frame is complete (or the peer's HELLO reject closed us)
+                buf.clear()
+                return used
+
+    def _parse(self, mv: memoryview, pos: int, copy: bool, events: list[Event]) -> int:
+        """Append events for complete frames from ``pos``; returns where the rest starts."""
+        end = len(mv)
+        on_frame = self._on_frame
+        while self._state is not _CLOSED:
+            if end - pos < HEADER_SIZE:
+                self._need = HEADER_SIZE
+                return pos
+            header = _unpack_header(mv, pos)
+            magic, hcrc, ver, _, flags, _, _, _, _, plen, pcrc, _, vlen = header
+            if magic != MAGIC:
+                raise _Remote("bad magic")
+            hend = pos + HEADER_SIZE + vlen
+            if hend > end:
+                self._need = HEADER_SIZE + vlen
+                return pos
+            if _crc32(mv[pos + _CRC_FROM : hend]) != hcrc:
+                raise _Remote("bad header checksum")
+            if ver != _VERSION:
+                raise _Remote(f"unsupported protocol version {ver}")
+            if plen > self.max_payload:
+                raise _Remote(f"payload of {plen} bytes exceeds the maximum")
+            fend = hend + plen
+            if fend > end:
+                self._need = fend - pos
+                return pos
+            payload: Buffer = b""
+            if plen:
+                payload = mv[hend:fend]
+                if not flags & _NO_CRC and _crc32(payload) != pcrc:
+                    raise _Remote("bad payload checksum")
+                if copy:
+                    payload = payload.tobytes()
+            if pcrc and (not plen or flags & _NO_CRC):
+                raise _Remote("payload checksum set without a checked payload")
+            vid = mv[pos + HEADER_SIZE : hend].tobytes() if vlen else b""
+            events.append(on_frame(header, vid, payload))
+            pos = fend
+        return pos
+
+    def _on_request(self, header: tuple[Any, ...], vid_raw: bytes, payload: Buffer) -> Request:
+        _, _, _, op, flags, rid, epoch, offset, length, _, _, status, _ = header
+        lim = self.max_payload
+        if flags & _REPLY:
+            raise _Remote("response frame sent to a server")
+        if status:
+            raise _Remote("status set on a request")
+        if self._state is not (_AWAIT if op == Op.HELLO else _READY):
+            raise _Remote(f"op {op} not allowed in state {self._state.value}")
+        vid = m.decode_volume_id(vid_raw) if vid_raw else ""
+        if vid is None:
+            raise _Remote("invalid volume id")
+        flags &= ~_NO_CRC
+        try:
+            member, expected = m.check_request(op, flags, vid, epoch, offset, length, payload, lim)
+        except ValueError as exc:
+            raise _Remote(str(exc)) from None
+        in_flight = self._in_flight
+        if rid in in_flight:
+            raise _Remote(f"request id {rid} already in flight")
+        if len(in_flight) >= self.max_in_flight:
+            raise _Remote("too many requests in flight")
+        if member is Op.HELLO:
+            self._accept_hello(rid, payload)
+        in_flight[rid] = (member, expected)
+        fl = _FLAG_VALUES[flags & _EVENT_FLAGS]
+        return _new_request(member, rid, vid, epoch, offset, length, fl, payload)
+
+    def _on_response(self, header: tuple[Any, ...], vid_raw: bytes, payload: Buffer) -> Response:
+        _, _, _, op, flags, rid, epoch, offset, length, _, _, status, _ = header
+        if not flags & _REPLY:
+            raise _Remote("request frame sent to a client")
+        if flags & ~_RESPONSE_FLAGS or offset or length or vid_raw:
+            raise _Remote("reserved response field set")
+        entry = self._in_flight.pop(rid, None)
+        if entry is None:
+            raise _Remote(f"response to unknown request id {rid}")
+        member, expected = entry
+        if op != member:
+            raise _Remote(f"op {op} answers a {member.name} request")
+        st = _STATUSES.get(status)
+        if st is None:
+            raise _Remote(f"unknown status {status}")
+        try:
+            m.check_response(member, st, payload, expected)
+        except ValueError as exc:
+            raise _Remote(str(exc)) from None
+        if member is Op.HELLO:
+            self._finish_hello(st, payload)
+        return _new_response(member, rid, st, epoch, payload)
+
+    def _accept_hello(self, rid: int, payload: Buffer) -> None:
+        hello = m.Hello.decode(payload)  # already validated by check_request
+        reason = self._auth_failure(hello.token)
+        if reason:
+            reply = self._frame(
+                Op.HELLO, _REPLY, rid, 0, 0, 0, Status.AUTH_FAILED, b"", reason.encode(), None
+            )
+            raise _Remote(reason, b"".join(reply))
+        self.peer_hello = hello
+        self._state = _PENDING
+
+    def _finish_hello(self, status: Status, payload: Buffer) -> None:
+        if status is not Status.OK:
+            self._state = _CLOSED  # the Response still reaches the caller, saying why
+            return
+        hello = m.Hello.decode(payload)
+        reason = self._auth_failure(hello.token)
+        if reason:
+            raise _Remote(reason)
+        self.peer_hello = hello
+        self._state = _READY
+
+    def _auth_failure(self, token: bytes) -> str:
+        if self._authenticate is None:
+            return ""
+        try:
+            ok = self._authenticate(token)
+        except Exception as exc:  # a hook that chokes on a token has rejected it
+            return f"authentication failed: {exc!r}"
+        return "" if ok else "authentication failed"
+
+    def send(self, event: Event) -> bytes:
+        """Encode one event into a single bytes object (convenient, one copy of payload)."""
+        if isinstance(event, Request):
+            e = event
+            parts = self.encode_request(
+                e.op, e.request_id, e.volume_id, e.epoch, e.offset, e.length, e.flags, e.payload
+            )
+        elif isinstance(event, Response):
+            parts = self.encode_response(
+                event.op, event.request_id, event.status, event.epoch, event.payload
+            )
+        else:
+            raise _Local(f"cannot send {type(event).__name__}")
+        return b"".join(parts)
+
+    def encode_request(
+        self,
+        op: Op,
+        request_id: int,
+        volume_id: str = "",
+        epoch: int = 0,
+        offset: int = 0,
+        length: int = 0,
+        flags: int = 0,
+        payload: Buffer = b"",
+        *,
+        payload_crc: int | None = None,
+    ) -> list[Buffer]:
+        """Frame a request as [header, payload] for ``transport.writelines`` (no copy).
+
+        ``payload_crc`` lets a caller sending one payload to several replicas compute
+        zlib.crc32 once; it is trusted, and a wrong value makes the peer drop the connection.
+        """
+        if self.role is not m.Role.CLIENT:
+            raise _Local("only a client sends requests")
+        if self._state is not (_AWAIT if op == Op.HELLO else _READY):
+            raise _Local(f"cannot send {op!r} in state {self._state.value}")
+        vid = m.encode_volume_id(volume_id) if volume_id else b""
+        flags = int(flags)  # Flag arithmetic runs in Python; plain ints in C
+        lim = self.max_payload
+        try:
+            member, expected = m.check_request(op, flags, vid, epoch, offset, length, payload, lim)
+        except ValueError as exc:
+            raise _Local(str(exc)) from None
+        if request_id in self._in_flight:
+            raise _Local(f"request id {request_id} already in flight")
+        if len(self._in_flight) >= self.max_in_flight:
+            raise _Local("too many requests in flight")
+        parts = self._frame(
+            member, flags, request_id, epoch, offset, length, 0, vid, payload, payload_crc
+        )
+        self._in_flight[request_id] = (member, expected)
+        if member is Op.HELLO:
+            self._state = _PENDING
+        return parts
+
+    def encode_response(
+        self,
+        op: Op,
+        request_id: int,
+        status: Status = Status.OK,
+        epoch: int = 0,
+        payload: Buffer = b"",
+    ) -> list[Buffer]:
+        """Frame the response to an in-flight request as [header, payload]."""
+        if self.role is not m.Role.SERVER:
+            raise _Local("only a server sends responses")
+        entry = self._in_flight.get(request_id)
+        if entry is None or entry[0] != op:
+            raise _Local(f"no {op!r} request {request_id} in flight")
+        st = _STATUSES.get(status)
+        if st is None:
+            raise _Local(f"unknown status {status}")
+        try:
+            m.check_response(entry[0], st, payload, entry[1])
+        except ValueError as exc:
+            raise _Local(str(exc)) from None
+        parts = self._frame(entry[0], _REPLY, request_id, epoch, 0, 0, st, b"", payload, None)
+        del self._in_flight[request_id]
+        if entry[0] is Op.HELLO:
+            self._state = _READY if st is Status.OK else _CLOSED
+        return parts
+
+    def _frame(
+        self,
+        op: int,
+        flags: int,
+        rid: int,
+        epoch: int,
+        offset: int,
+        length: int,
+        status: int,
+        vid: bytes,
+        payload: Buffer,
+        payload_crc: int | None,
+    ) -> list[Buffer]:
+        if type(payload) is memoryview and payload.itemsize != 1:
+            raise _Local("payload must be a buffer of bytes (memoryview.cast('B'))")
+        plen = len(payload)
+        if plen > self.max_payload:
+            raise _Local(f"payload of {plen} bytes exceeds the maximum")
+        if not plen:
+            pcrc = 0
+        elif not self.payload_checksums:
+            flags |= _NO_CRC
+            pcrc = 0
+        else:
+            pcrc = _crc32(payload) if payload_crc is None else payload_crc
+        try:
+            fields = (op, flags, rid, epoch, offset, length, plen, pcrc, status, len(vid))
+            body = _pack_body(_VERSION, *fields) + vid
+        except struct.error as exc:
+            raise _Local(f"header field out of range: {exc}") from None
+        header = _pack_prefix(MAGIC, _crc32(body)) + body
+        return [header, payload] if plen else [header]
