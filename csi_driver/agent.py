@@ -34,10 +34,14 @@ def _info(info: ReplicaInfo) -> agent_pb2.ReplicaInfo:
 class AgentServicer(agent_pb2_grpc.AgentServicer):
     """Executes replica lifecycle requests against the local pool."""
 
-    def __init__(self, node_id: str, pool: Pool, on_change: Callable[[], None]) -> None:
+    def __init__(
+        self, node_id: str, pool: Pool, on_change: Callable[[], None],
+        before_delete: Callable[[str], None],
+    ) -> None:
         self._node_id = node_id
         self._pool = pool
         self._on_change = on_change  # republish capacity in etcd
+        self._before_delete = before_delete  # the replica server drops its open file
 
     @rpc_method
     async def CreateReplica(
@@ -51,6 +55,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
     async def DeleteReplica(
         self, request: agent_pb2.DeleteReplicaRequest, context: Ctx
     ) -> agent_pb2.DeleteReplicaResponse:
+        self._before_delete(request.volume_id)
         await asyncio.to_thread(self._pool.delete, request.volume_id)
         self._on_change()
         return agent_pb2.DeleteReplicaResponse()

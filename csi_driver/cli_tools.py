@@ -109,6 +109,35 @@ def _volume_show(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _verify(cluster_dir: Path, volume: str) -> int:
+    from csi_driver.state.etcd import EtcdStore
+    from csi_driver.verify import verify_volume
+
+    spec = json.loads((cluster_dir / "cluster.json").read_text())
+    store = EtcdStore([spec["etcd_host_endpoint"]], prefix=spec.get("etcd_prefix", "/tandem/"))
+    try:
+        volume_id = await store.volume_id_for_name(volume) or volume
+        report = await verify_volume(store, volume_id)
+    except LookupError as exc:
+        print(f"tandem: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await store.close()
+    print(f"volume {report.volume_id} ({report.size_bytes >> 20} MiB), "
+          f"reference replica {report.reference}")
+    for r in report.replicas:
+        state = r.detail if r.reachable else f"not checked: unreachable ({r.detail})"
+        state += "" if r.node_id in report.isr else " [not in ISR]"
+        extra = f", {r.differing_bytes} bytes differ" if r.differing_bytes else ""
+        print(f"  {r.node_id:12} {state}{extra}")
+    print("in-sync replicas identical" if report.identical else "DIVERGENCE FOUND")
+    return 0 if report.identical else 1
+
+
+def _volume_verify(args: argparse.Namespace) -> int:
+    return asyncio.run(_verify(Path(args.cluster).resolve(), args.volume))
+
+
 def add_commands(sub: Any) -> None:
     cluster = sub.add_parser("cluster", help="local multi-node dev cluster")
     csub = cluster.add_subparsers(dest="cluster_command", required=True)
@@ -142,3 +171,7 @@ def add_commands(sub: Any) -> None:
     vshow.add_argument("volume")
     vshow.add_argument("--cluster", required=True)
     vshow.set_defaults(func=_volume_show)
+    verify = vsub.add_parser("verify", help="compare all replicas by checksum (exit 1: differ)")
+    verify.add_argument("volume", help="volume id or name")
+    verify.add_argument("--cluster", required=True)
+    verify.set_defaults(func=_volume_verify)

@@ -63,8 +63,10 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         if request.HasField("volume_content_source"):
             raise InvalidArgumentError("volume content sources (clones, snapshots) are unsupported")
         params = validation.parse_parameters(request.parameters, self._default_replicas)
+        fs_type = cap_fs_type or params.fs_type
         size = validation.size_from_range(
-            request.capacity_range if request.HasField("capacity_range") else None
+            request.capacity_range if request.HasField("capacity_range") else None,
+            minimum=validation.min_size(access_type, fs_type),
         )
         reqs = request.accessibility_requirements
         spec = CreateSpec(
@@ -72,7 +74,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             size_bytes=size,
             limit_bytes=request.capacity_range.limit_bytes,
             replicas=params.replicas,
-            fs_type=cap_fs_type or params.fs_type,
+            fs_type=fs_type,
             access_type=access_type,
             parameters=tuple(sorted(request.parameters.items())),
             requisite=tuple(validation.topologies(reqs.requisite)),
@@ -163,10 +165,13 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     ) -> csi_pb2.ControllerExpandVolumeResponse:
         validation.require(request.volume_id, "volume_id")
         validation.require(request.HasField("capacity_range"), "capacity_range")
+        access_type = None
         if request.HasField("volume_capability"):
-            validation.check_single_capability(request.volume_capability, "volume_capability")
+            access_type = validation.check_single_capability(
+                request.volume_capability, "volume_capability"
+            )
         size = validation.size_from_range(request.capacity_range)
-        record = await self._volumes.expand(request.volume_id, size)
+        record = await self._volumes.expand(request.volume_id, size, access_type)
         return csi_pb2.ControllerExpandVolumeResponse(
             capacity_bytes=record.size_bytes,
             node_expansion_required=record.access_type == "mount",

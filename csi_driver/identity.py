@@ -53,7 +53,7 @@ class IdentityServicer(csi_pb2_grpc.IdentityServicer):
             caps.append(
                 PluginCapability(
                     volume_expansion=PluginCapability.VolumeExpansion(
-                        type=PluginCapability.VolumeExpansion.ONLINE
+                        type=PluginCapability.VolumeExpansion.OFFLINE
                     )
                 )
             )

@@ -6,7 +6,7 @@ from csi_driver import validation
 from csi_driver._gen import csi_pb2, csi_pb2_grpc
 from csi_driver.capabilities import node_capabilities, reject_unsupported
 from csi_driver.config import TOPOLOGY_KEY
-from csi_driver.errors import FailedPreconditionError, InvalidArgumentError
+from csi_driver.errors import FailedPreconditionError
 from csi_driver.locks import VolumeLocks
 from csi_driver.rpc import Ctx, rpc_method
 from csi_driver.staging import StagingService
@@ -78,6 +78,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 access_type,
                 readonly,
                 _mount_flags(request.volume_capability),
+                single_writer=request.volume_capability.access_mode.mode
+                == AccessMode.SINGLE_NODE_SINGLE_WRITER,
             )
         return csi_pb2.NodePublishVolumeResponse()
 
@@ -124,9 +126,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             validation.check_single_capability(request.volume_capability, "volume_capability")
         limit = request.capacity_range.limit_bytes
         with self._locks.hold(request.volume_id):
-            size = await self._staging.expand(request.volume_id, request.volume_path)
-        if limit and size > limit:
-            raise InvalidArgumentError(f"volume is {size} bytes, above limit_bytes {limit}")
+            size = await self._staging.expand(request.volume_id, request.volume_path, limit)
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)
 
     @rpc_method

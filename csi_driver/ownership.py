@@ -1,9 +1,11 @@
 """Volume ownership: who may write a volume, moved only by etcd compare-and-swap.
 
 Staging a volume on a node makes that node the owner and bumps the volume's epoch (I2);
-unstaging releases it. A volume held by another node whose lease is alive is refused with a
-retryable error (RWO); one held by a node whose lease expired is taken over at once (I6).
-The replicated data path fences replicas with the epoch returned here.
+unstaging releases it. Liveness of an owner is its target's claim (``owners/<volume>``,
+bound to the target's own lease): a volume whose owner still holds a live claim is refused
+with a retryable error (RWO); one whose claim is gone (released, or the lease expired
+because the owner died or is cut off) is taken over at once (I6). Every acquisition bumps
+the epoch, even by the same node, so a zombie target from an earlier stage is fenced too.
 """
 
 from __future__ import annotations
@@ -32,13 +34,13 @@ class Ownership:
             if found is None or found.value.phase is not VolumePhase.READY:
                 raise errors.NotFoundError(f"volume {volume_id} does not exist")
             record = found.value
-            if record.owner == self._node_id:
-                return record
-            if record.owner is not None and await self._is_alive(record.owner):
-                raise errors.FailedPreconditionError(
-                    f"volume {volume_id} is staged on node {record.owner}, which is alive; "
-                    "unstage it there first (retry later)"
-                )
+            if record.owner not in (None, self._node_id):
+                claim = await self._store.get_owner(volume_id)
+                if claim is not None and claim.node_id == record.owner:
+                    raise errors.FailedPreconditionError(
+                        f"volume {volume_id} is staged on node {record.owner}, which still "
+                        "serves it; unstage it there first (retry later)"
+                    )
             new = record.with_(owner=self._node_id, epoch=record.epoch + 1)
             try:
                 await self._store.update_volume(new, found.mod_revision)
@@ -50,6 +52,10 @@ class Ownership:
             )
             return new
         raise errors.OperationPendingError(f"volume {volume_id} ownership keeps changing")
+
+    async def exists(self, volume_id: str) -> bool:
+        found = await self._store.get_volume(volume_id)
+        return found is not None and found.value.phase is VolumePhase.READY
 
     async def release(self, volume_id: str) -> None:
         """Give up ownership if we hold it (idempotent)."""
@@ -65,6 +71,3 @@ class Ownership:
                      found.value.epoch)
             return
         raise errors.OperationPendingError(f"volume {volume_id} ownership keeps changing")
-
-    async def _is_alive(self, node_id: str) -> bool:
-        return await self._store.get_node(node_id) is not None

@@ -18,6 +18,7 @@ import grpc
 
 from csi_driver._gen import agent_pb2_grpc, csi_pb2_grpc
 from csi_driver.agent import AgentClients, AgentServicer
+from csi_driver.attach import choose_attacher
 from csi_driver.config import ControllerConfig, NodeConfig
 from csi_driver.controller import ControllerServicer
 from csi_driver.identity import IdentityServicer
@@ -29,8 +30,10 @@ from csi_driver.staging import StagingService
 from csi_driver.state import errors as store_errors
 from csi_driver.state.etcd import EtcdStore
 from csi_driver.state.store import Store
+from csi_driver.targets import TargetProcesses
 from csi_driver.volumes import VolumeService
 from replication.pool.base import Pool, open_pool
+from replication.replica_server import ReplicaServer
 
 log = logging.getLogger(__name__)
 
@@ -109,15 +112,19 @@ async def run_node(config: NodeConfig) -> None:
     pool = _open_pool(config)
     store = EtcdStore(list(config.etcd.endpoints), prefix=config.etcd.prefix)
     staging = StagingService(
-        config.node_id, pool, Ownership(store, config.node_id), config.state_dir
+        config.node_id, Ownership(store, config.node_id), TargetProcesses(config),
+        choose_attacher(), config.state_dir,
     )
     membership = Membership(config, store, pool, staging.staged_count)
     await membership.register()
+    replicas = ReplicaServer(pool, config.state_dir / "replicas", config.node_id)
     await sweep_orphans(store, pool, config.node_id)
+    await replicas.start(*config.replica_listen)
 
     agent_server = grpc.aio.server()
     agent_pb2_grpc.add_AgentServicer_to_server(
-        AgentServicer(config.node_id, pool, membership.capacity_changed), agent_server
+        AgentServicer(config.node_id, pool, membership.capacity_changed, replicas.forget),
+        agent_server,
     )
     agent_server.add_insecure_port(config.agent_address)
     await agent_server.start()
@@ -139,5 +146,6 @@ async def run_node(config: NodeConfig) -> None:
         renewer.cancel()
         await csi_server.stop(grace=2)
         await agent_server.stop(grace=2)
+        await replicas.close()
         await membership.leave()
         await store.close()

@@ -1,4 +1,8 @@
-"""Node-side volume lifecycle: stage (own + attach + mkfs + mount), publish, and back.
+"""Node-side volume lifecycle: stage (own + target + attach + mkfs + mount), publish, back.
+
+Stage = take ownership (epoch CAS) -> start the volume's target process (fences the
+replicas, serves NBD) -> attach the export as a block device -> mkfs when blank -> mount.
+Any node can stage any volume: a node without a local replica reads remotely.
 
 What is staged on this node is persisted as one small JSON file per volume under the node's
 state directory, so unstage after a restart still knows the device. Every step checks "already
@@ -7,7 +11,6 @@ done" first (the CO repeats calls), and a failed stage undoes what it did.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -16,9 +19,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from csi_driver import errors, mount
-from csi_driver.attach import LoopAttacher
+from csi_driver.attach import Attachment, NbdAttacher
 from csi_driver.ownership import Ownership
-from replication.pool.base import Pool
+from csi_driver.targets import TargetProcesses
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +32,9 @@ class StagedVolume:
     staging_path: str
     access_type: str
     fs_type: str
-    backing_file: str
     device: str
     epoch: int
+    attachment: dict[str, object] = field(default_factory=dict)
     published: tuple[str, ...] = field(default=())
 
 
@@ -77,12 +80,16 @@ class StagedStates:
 
 
 class StagingService:
-    def __init__(self, node_id: str, pool: Pool, ownership: Ownership, state_dir: Path) -> None:
+    def __init__(
+        self, node_id: str, ownership: Ownership, targets: TargetProcesses,
+        attacher: NbdAttacher, state_dir: Path,
+    ) -> None:
         self._node_id = node_id
-        self._pool = pool
         self._ownership = ownership
+        self._targets = targets
+        self._attacher = attacher
         self._states = StagedStates(state_dir)
-        self._loop = LoopAttacher()
+        self._work_dir = state_dir / "attach"
 
     def staged(self, volume_id: str) -> StagedVolume | None:
         return self._states.load(volume_id)
@@ -96,14 +103,26 @@ class StagingService:
     ) -> StagedVolume:
         existing = self._states.load(volume_id)
         if existing is not None:
-            if existing.staging_path != staging_path or existing.access_type != access_type:
+            if (
+                existing.staging_path != staging_path
+                or existing.access_type != access_type
+                or (fs_type and access_type == "mount" and existing.fs_type != fs_type)
+            ):
                 raise errors.AlreadyExistsError(
                     f"volume {volume_id} is already staged at {existing.staging_path} "
-                    f"as {existing.access_type}"
+                    f"as {existing.access_type} {existing.fs_type}".rstrip()
                 )
-            return existing
+            if self._targets.running(volume_id):
+                return existing
+            # Left over from before a restart: its target is gone, so stage afresh.
+            await self._teardown(existing)
         record = await self._ownership.acquire(volume_id)
         try:
+            if record.access_type != access_type:
+                # Never mkfs over a raw block volume (or hand out a filesystem as raw blocks).
+                raise errors.FailedPreconditionError(
+                    f"volume {volume_id} is a {record.access_type} volume, not {access_type}"
+                )
             return await self._attach_and_mount(
                 volume_id, staging_path, access_type, fs_type or record.fs_type or "ext4",
                 mount_flags, record.epoch,
@@ -116,27 +135,28 @@ class StagingService:
         self, volume_id: str, staging_path: str, access_type: str, fs_type: str,
         mount_flags: list[str], epoch: int,
     ) -> StagedVolume:
-        replica = await asyncio.to_thread(self._pool.get, volume_id)
-        if replica is None:
-            raise errors.FailedPreconditionError(
-                f"node {self._node_id} holds no replica of {volume_id}; stage it on a replica "
-                "node (its accessible topology)"
-            )
-        device = await self._loop.attach(replica.path)
+        socket = await self._targets.start(volume_id)
+        try:
+            attachment = await self._attacher.attach(str(socket), volume_id, self._work_dir)
+        except BaseException:
+            await self._targets.stop(volume_id)
+            raise
         try:
             if access_type == "mount":
-                await self._format_and_mount(device, staging_path, fs_type, mount_flags)
+                await self._format_and_mount(attachment.device, staging_path, fs_type,
+                                             mount_flags)
         except BaseException:
-            await self._loop.detach(replica.path)
+            await self._attacher.detach(attachment)
+            await self._targets.stop(volume_id)
             raise
         staged = StagedVolume(
             volume_id=volume_id, staging_path=staging_path, access_type=access_type,
-            fs_type=fs_type if access_type == "mount" else "", backing_file=replica.path,
-            device=device, epoch=epoch,
+            fs_type=fs_type if access_type == "mount" else "", device=attachment.device,
+            epoch=epoch, attachment=attachment_to_dict(attachment),
         )
         self._states.save(staged)
         log.info("volume=%s node=%s epoch=%d staged device=%s", volume_id, self._node_id,
-                 epoch, device)
+                 epoch, attachment.device)
         return staged
 
     async def _format_and_mount(
@@ -155,22 +175,27 @@ class StagingService:
 
     async def unstage(self, volume_id: str, staging_path: str) -> None:
         staged = self._states.load(volume_id)
-        if staged is not None and staged.published:
-            for target in staged.published:
-                await mount.unmount(target)
-        await mount.unmount(staging_path)
         if staged is not None:
-            if staged.access_type == "block":
-                with contextlib.suppress(Exception):
-                    await mount.flush_buffers(staged.device)
-            await self._loop.detach(staged.backing_file)
-            self._states.remove(volume_id)
+            await self._teardown(staged)
+        await mount.unmount(staging_path)
         await self._ownership.release(volume_id)
         log.info("volume=%s node=%s unstaged", volume_id, self._node_id)
 
-    def require_staged(self, volume_id: str, staging_path: str) -> StagedVolume:
+    async def _teardown(self, staged: StagedVolume) -> None:
+        """Unmount, detach (flushes), stop the target (flushes replicas), forget."""
+        for target in staged.published:
+            await mount.unmount(target)
+        await mount.unmount(staged.staging_path)
+        if staged.attachment:
+            await self._attacher.detach(attachment_from_dict(staged.attachment))
+        await self._targets.stop(staged.volume_id)
+        self._states.remove(staged.volume_id)
+
+    async def require_staged(self, volume_id: str, staging_path: str) -> StagedVolume:
         staged = self._states.load(volume_id)
         if staged is None or staged.staging_path != staging_path:
+            if not await self._ownership.exists(volume_id):
+                raise errors.NotFoundError(f"volume {volume_id} does not exist")
             raise errors.FailedPreconditionError(
                 f"volume {volume_id} is not staged at {staging_path}"
             )
@@ -178,14 +203,20 @@ class StagingService:
 
     async def publish(
         self, volume_id: str, staging_path: str, target_path: str, access_type: str,
-        readonly: bool, mount_flags: list[str],
+        readonly: bool, mount_flags: list[str], single_writer: bool = False,
     ) -> None:
-        staged = self.require_staged(volume_id, staging_path)
+        staged = await self.require_staged(volume_id, staging_path)
         if staged.access_type != access_type:
             raise errors.FailedPreconditionError(
                 f"volume {volume_id} is a {staged.access_type} volume"
             )
         source = staged.staging_path if access_type == "mount" else staged.device
+        others = [p for p in staged.published if p != target_path]
+        if single_writer and others:
+            raise errors.FailedPreconditionError(
+                f"volume {volume_id} is SINGLE_NODE_SINGLE_WRITER and already published at "
+                f"{others[0]}"
+            )
         existing = mount.mounts_at(target_path)
         if existing:
             top = existing[-1]
@@ -249,13 +280,25 @@ class StagingService:
             message=message,
         )
 
-    async def expand(self, volume_id: str, volume_path: str) -> int:
+    async def expand(self, volume_id: str, volume_path: str, limit_bytes: int = 0) -> int:
+        """Grow the filesystem to the device (offline expansion: the device was attached
+        after the controller grew the replicas)."""
         staged = self._states.load(volume_id)
         if staged is None:
             raise errors.NotFoundError(f"volume {volume_id} is not staged on {self._node_id}")
         if volume_path not in (staged.staging_path, *staged.published):
             raise errors.NotFoundError(f"{volume_path} is not a path of volume {volume_id}")
-        await self._loop.refresh_size(staged.device)
+        size = await mount.block_size_bytes(staged.device)
+        if limit_bytes and size > limit_bytes:
+            raise errors.OutOfRangeError(f"volume is {size} bytes, above limit_bytes {limit_bytes}")
         if staged.access_type == "mount":
             await mount.grow_filesystem(staged.device, staged.staging_path, staged.fs_type)
         return await mount.block_size_bytes(staged.device)
+
+
+def attachment_to_dict(attachment: Attachment) -> dict[str, object]:
+    return dict(asdict(attachment))
+
+
+def attachment_from_dict(data: dict[str, object]) -> Attachment:
+    return Attachment(**data)  # type: ignore[arg-type]

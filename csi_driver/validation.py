@@ -101,7 +101,15 @@ def check_single_capability(cap: csi_pb2.VolumeCapability, field: str) -> str:
     return str(cap.WhichOneof("access_type"))
 
 
-def size_from_range(capacity_range: csi_pb2.CapacityRange | None) -> int:
+# mkfs.xfs refuses filesystems below 300 MB; a volume it cannot format is useless.
+XFS_MIN_SIZE = 300 * MIB
+
+
+def min_size(access_type: str, fs_type: str) -> int:
+    return XFS_MIN_SIZE if access_type == "mount" and fs_type == "xfs" else 0
+
+
+def size_from_range(capacity_range: csi_pb2.CapacityRange | None, minimum: int = 0) -> int:
     """The size to provision: required rounded up to the alignment, within the limit."""
     required = capacity_range.required_bytes if capacity_range else 0
     limit = capacity_range.limit_bytes if capacity_range else 0
@@ -114,6 +122,8 @@ def size_from_range(capacity_range: csi_pb2.CapacityRange | None) -> int:
         size -= size % SIZE_ALIGNMENT
     else:
         size = -(-required // SIZE_ALIGNMENT) * SIZE_ALIGNMENT
+    if size < minimum:
+        size = minimum
     if size == 0 or (limit and size > limit):
         raise OutOfRangeError(
             f"cannot provision a whole number of MiB within [{required}, {limit or 'inf'}]"
@@ -125,7 +135,7 @@ def parse_parameters(params: Mapping[str, str], default_replicas: int) -> Volume
     replicas = default_replicas
     fs_type = "ext4"
     for key, value in params.items():
-        if key.startswith(_K8S_PARAMETER_PREFIX):
+        if key.startswith(_K8S_PARAMETER_PREFIX) and key != "csi.storage.k8s.io/fstype":
             continue
         if key == "replicas":
             if not value.isdigit() or not 1 <= int(value) <= MAX_REPLICAS:

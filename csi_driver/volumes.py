@@ -74,6 +74,18 @@ def _check_compatible(existing: VolumeRecord, spec: CreateSpec) -> None:
         )
     if dict(existing.parameters) != dict(spec.parameters):
         raise errors.AlreadyExistsError(f"volume {spec.name!r} exists with other parameters")
+    if existing.access_type == "mount" and existing.fs_type != spec.fs_type:
+        raise errors.AlreadyExistsError(
+            f"volume {spec.name!r} exists with fs type {existing.fs_type}"
+        )
+    nodes = [{TOPOLOGY_KEY: n} for n in existing.replica_nodes()]
+    if spec.requisite and not any(
+        all(t.get(k) == v for k, v in req.items()) for req in spec.requisite for t in nodes
+    ):
+        raise errors.AlreadyExistsError(
+            f"volume {spec.name!r} exists on {list(existing.replica_nodes())}, outside the "
+            "requisite topologies"
+        )
 
 
 def candidates(nodes: Sequence[NodeRecord], volumes: Sequence[VolumeRecord]) -> list[Candidate]:
@@ -233,15 +245,26 @@ class VolumeService:
         await self._store.delete_volume(record.volume_id, versioned.mod_revision)
         log.info("volume=%s deleted", record.volume_id)
 
-    async def expand(self, volume_id: str, size_bytes: int) -> VolumeRecord:
+    async def expand(
+        self, volume_id: str, size_bytes: int, access_type: str | None = None
+    ) -> VolumeRecord:
         with self._locks.hold(volume_id):
             for _ in range(_CAS_RETRIES):
                 found = await self._store.get_volume(volume_id)
                 if found is None or found.value.phase is not VolumePhase.READY:
                     raise errors.NotFoundError(f"volume {volume_id} does not exist")
                 record = found.value
+                if access_type is not None and access_type != record.access_type:
+                    raise errors.InvalidArgumentError(
+                        f"volume {volume_id} is a {record.access_type} volume"
+                    )
                 if size_bytes <= record.size_bytes:
                     return record
+                if record.owner is not None:
+                    # The NBD export's size is fixed while served (offline expansion).
+                    raise errors.FailedPreconditionError(
+                        f"volume {volume_id} is staged on {record.owner}; unstage it to expand"
+                    )
                 nodes = await self.live_nodes()
                 missing = [n for n in record.replica_nodes() if n not in nodes]
                 if missing:

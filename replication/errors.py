@@ -70,3 +70,34 @@ class InvalidReplicaIdError(PoolError, ValueError):
 
 class InvalidSizeError(PoolError, ValueError):
     """A size or byte range is not positive or not a multiple of the block size."""
+
+
+class ReplicaUnavailableError(ReplicationError):
+    """A replica connection is dead (refused, reset, closed, timed out, protocol error).
+
+    Every request still pending on that connection fails with this; ``reason`` says why.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ReplicaStatusError(ReplicationError):
+    """A replica answered with a non-OK status; ``status`` is the wire number."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class StaleEpochError(ReplicationError):
+    """The replica is fenced at ``fenced_epoch``, above the caller's: the caller is stale."""
+
+    def __init__(self, fenced_epoch: int, message: str = "") -> None:
+        super().__init__(message or f"replica is fenced at epoch {fenced_epoch}")
+        self.fenced_epoch = fenced_epoch
+
+
+class ReplicaMetaError(ReplicationError):
+    """A replica's persisted metadata is unreadable or invalid; the replica is not served."""

@@ -44,7 +44,7 @@ from csi_driver.state.etcd_ops import (
     txn_op,
 )
 from csi_driver.state.lease import LeaseKeeper
-from csi_driver.state.model import NodeRecord, Versioned, VolumeRecord
+from csi_driver.state.model import NodeRecord, OwnerClaim, Versioned, VolumeRecord
 from csi_driver.state.store import WATCH_KINDS, Store, WatchEvent, WatchEventType
 
 __all__ = ["EtcdStatus", "EtcdStore", "LeaseKeeper", "endpoint_target", "prefix_end"]
@@ -255,6 +255,25 @@ class EtcdStore(Store):
     async def volume_id_for_name(self, name: str) -> str | None:
         kv = await self._get_kv(self.key("names", name), f"lookup name {name!r}")
         return kv.value.decode() if kv is not None else None
+
+    # -- ownership claims ----------------------------------------------------------------
+
+    async def claim_owner(self, volume_id: str, claim: OwnerClaim, lease_id: int) -> None:
+        req = etcd_pb2.PutRequest(
+            key=self.key("owners", volume_id), value=claim.to_json(), lease=lease_id
+        )
+        await self._rpc(f"claim {volume_id}", lambda s: s.kv.Put(req, timeout=self._timeout_s))
+
+    async def get_owner(self, volume_id: str) -> OwnerClaim | None:
+        kv = await self._get_kv(self.key("owners", volume_id), f"get owner {volume_id}")
+        return OwnerClaim.from_json(kv.value) if kv is not None else None
+
+    async def release_owner(self, volume_id: str, claim: OwnerClaim) -> None:
+        key = self.key("owners", volume_id)
+        req = etcd_pb2.TxnRequest(
+            compare=[compare_value(key, claim.to_json())], success=[delete_op(key)]
+        )
+        await self._txn(req, f"release {volume_id}")
 
     # -- leases --------------------------------------------------------------------------
 

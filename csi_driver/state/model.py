@@ -303,3 +303,19 @@ class Versioned(Generic[T]):
     mod_revision: int
     create_revision: int
     lease: int
+
+
+@dataclass(frozen=True)
+class OwnerClaim:
+    """``owners/<volume>``: which node's target serves the volume at which epoch."""
+
+    node_id: str
+    epoch: int
+
+    def to_json(self) -> bytes:
+        return _dumps({"node_id": self.node_id, "epoch": self.epoch})
+
+    @classmethod
+    def from_json(cls, data: bytes) -> OwnerClaim:
+        obj = _load_object(data, {"node_id", "epoch"}, "owner claim")
+        return cls(node_id=_str(obj, "node_id"), epoch=_int(obj, "epoch"))

@@ -16,7 +16,7 @@ import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from csi_driver.state.model import NodeRecord, Versioned, VolumeRecord
+from csi_driver.state.model import NodeRecord, OwnerClaim, Versioned, VolumeRecord
 
 WATCH_KINDS = ("nodes", "volumes")
 
@@ -109,6 +109,25 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def volume_id_for_name(self, name: str) -> str | None:
         """Linearizable lookup of the name index; None if no volume has the name."""
+
+    # -- ownership claims ----------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def claim_owner(self, volume_id: str, claim: OwnerClaim, lease_id: int) -> None:
+        """Write ``owners/<volume>`` bound to the writer's lease (last writer wins).
+
+        The claim is liveness, not authority: authority is the epoch in the volume
+        record, changed only by CAS. The claim vanishes when the lease expires, which
+        is what a takeover waits for.
+        """
+
+    @abc.abstractmethod
+    async def get_owner(self, volume_id: str) -> OwnerClaim | None:
+        """The live claim on ``volume_id`` (linearizable), None when none is held."""
+
+    @abc.abstractmethod
+    async def release_owner(self, volume_id: str, claim: OwnerClaim) -> None:
+        """Delete the claim if it is still exactly ``claim`` (idempotent)."""
 
     # -- leases --------------------------------------------------------------------------
 

@@ -1,0 +1,127 @@
+"""The per-volume target process: ``python -m csi_driver.target_main ...``.
+
+One process per volume staged on a node (its own GIL and event loop, and no way for the
+node process to deadlock on I/O to a device it serves itself). It reads the volume record,
+holds an ownership claim bound to its own etcd lease (self-fencing clock), fences every
+replica at the record's epoch, and serves the NBD export on a unix socket. SIGTERM flushes,
+releases the claim and exits 0. Exit status 3 means the volume cannot be served (the message
+on stderr says why); 2 means bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+from csi_driver.config import ConfigError, parse_etcd_endpoints
+from csi_driver.isr_authority import EtcdAuthority
+from csi_driver.state.etcd import EtcdStore, LeaseKeeper
+from csi_driver.state.model import OwnerClaim, VolumeRecord
+from replication.nbd_server import NbdServer
+from replication.replica_client import ReplicaClient
+from replication.target import ReplicaEndpoint, ReplicatedBackend
+
+log = logging.getLogger("csi_driver.target")
+
+
+class TargetStartError(Exception):
+    """The volume cannot be served; exit 3 with this message."""
+
+
+async def _endpoints(store: EtcdStore, record: VolumeRecord) -> list[ReplicaEndpoint]:
+    live = {v.value.node_id: v.value for v in await store.list_nodes()}
+    endpoints = []
+    for node_id in record.replica_nodes():
+        node = live.get(node_id)
+        if node is None:
+            continue  # its lease expired: unreachable, dropped from the ISR at open
+        host, _, port = node.replica_address.rpartition(":")
+        endpoints.append(ReplicaEndpoint(node_id, host, int(port)))
+    return endpoints
+
+
+async def serve(args: argparse.Namespace) -> None:
+    store = EtcdStore(parse_etcd_endpoints(args.etcd_endpoints), prefix=args.etcd_prefix)
+    found = await store.get_volume(args.volume_id)
+    if found is None:
+        raise TargetStartError(f"volume {args.volume_id} does not exist")
+    record = found.value
+    if record.owner != args.node_id:
+        raise TargetStartError(f"volume {args.volume_id} is owned by {record.owner}, not us")
+    epoch = record.epoch
+    ctx = f"volume={args.volume_id} node={args.node_id} epoch={epoch}"
+    authority = EtcdAuthority(store, args.volume_id, args.node_id, epoch, args.lease_ttl)
+    lease = await store.grant_lease(max(1, round(args.lease_ttl)))
+    keeper = LeaseKeeper(store, lease, args.lease_ttl,
+                         on_lost=lambda: log.error("%s ownership lease lost", ctx))
+    keeper.start()
+    authority.expires = keeper.expires_monotonic  # self-fencing reads the real lease clock
+    claim = OwnerClaim(args.node_id, epoch)
+    await store.claim_owner(args.volume_id, claim, lease)
+
+    async def connect(endpoint: ReplicaEndpoint) -> ReplicaClient:
+        return await ReplicaClient.connect(endpoint.host, endpoint.port, args.node_id)
+
+    backend = await ReplicatedBackend.open(
+        args.volume_id, epoch, record.size_bytes, await _endpoints(store, record),
+        record.isr, args.node_id, authority, Path(args.state_dir), connect,
+    )
+    server = NbdServer(args.socket, backend, export_name=args.volume_id)
+    await server.start()
+    log.info("%s serving nbd=%s isr=%s", ctx, args.socket, list(backend.isr))
+    print("READY", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("%s stopping", ctx)
+    server.close()
+    try:
+        if backend.fenced is None:
+            await backend.flush()
+    finally:
+        backend.close()
+        await store.release_owner(args.volume_id, claim)
+        await keeper.stop()
+        await store.revoke_lease(lease)
+        await store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tandem-target", description=__doc__)
+    parser.add_argument("--volume-id", required=True)
+    parser.add_argument("--node-id", required=True)
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--etcd-endpoints", required=True)
+    parser.add_argument("--etcd-prefix", default="/tandem/")
+    parser.add_argument("--state-dir", required=True)
+    parser.add_argument("--lease-ttl", type=float, default=5.0)
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper(), logging.INFO),
+        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+    )
+    try:
+        import uvloop
+
+        uvloop.run(serve(args))
+    except (TargetStartError, ConfigError) as exc:
+        print(f"tandem-target: {exc}", file=sys.stderr, flush=True)
+        return 3
+    except OSError as exc:
+        print(f"tandem-target: cannot serve: {exc}", file=sys.stderr, flush=True)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

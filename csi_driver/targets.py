@@ -1,0 +1,111 @@
+"""Starts and stops the per-volume target processes of this node (``target_main``).
+
+Each target is a child of the node process: its stdout says READY once the NBD export
+serves, its log goes to ``<state_dir>/targets/<volume>.log``, and a reaper task waits for it
+so no zombie is left. A target that exits before READY fails the stage with its last log
+line (e.g. "none of the in-sync replicas could be fenced").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from csi_driver import errors
+from csi_driver.config import NodeConfig
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 60.0
+STOP_GRACE_S = 15.0
+
+
+class TargetProcesses:
+    def __init__(self, config: NodeConfig) -> None:
+        self._config = config
+        self._dir = config.state_dir / "targets"
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._procs: dict[str, asyncio.subprocess.Process] = {}
+
+    def socket_path(self, volume_id: str) -> Path:
+        return self._dir / f"{volume_id}.nbd.sock"
+
+    def running(self, volume_id: str) -> bool:
+        proc = self._procs.get(volume_id)
+        return proc is not None and proc.returncode is None
+
+    def _argv(self, volume_id: str) -> list[str]:
+        c = self._config
+        return [
+            sys.executable, "-m", "csi_driver.target_main",
+            "--volume-id", volume_id, "--node-id", c.node_id,
+            "--socket", str(self.socket_path(volume_id)),
+            "--etcd-endpoints", ",".join(c.etcd.endpoints), "--etcd-prefix", c.etcd.prefix,
+            "--state-dir", str(self._dir), "--lease-ttl", str(c.lease_ttl_s),
+        ]
+
+    async def start(self, volume_id: str) -> Path:
+        if self.running(volume_id):
+            return self.socket_path(volume_id)
+        log_path = self._dir / f"{volume_id}.log"
+        with open(log_path, "ab") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                *self._argv(volume_id), stdout=asyncio.subprocess.PIPE, stderr=log_file,
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        try:
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), READY_TIMEOUT_S)
+        except BaseException:
+            await self._kill(proc)
+            raise
+        if line.strip() != b"READY":
+            await proc.wait()
+            raise errors.UnavailableError(
+                f"volume {volume_id} cannot be served: {_last_line(log_path)}"
+            )
+        self._procs[volume_id] = proc
+        asyncio.get_running_loop().create_task(self._reap(volume_id, proc))
+        log.info("volume=%s node=%s target pid=%d ready", volume_id, self._config.node_id,
+                 proc.pid)
+        return self.socket_path(volume_id)
+
+    async def _reap(self, volume_id: str, proc: asyncio.subprocess.Process) -> None:
+        rc = await proc.wait()
+        level = logging.INFO if rc == 0 else logging.ERROR
+        log.log(level, "volume=%s node=%s target exited rc=%s", volume_id,
+                self._config.node_id, rc)
+        if self._procs.get(volume_id) is proc:
+            del self._procs[volume_id]
+
+    async def stop(self, volume_id: str) -> None:
+        proc = self._procs.get(volume_id)
+        if proc is not None:
+            await self._kill(proc)
+
+    @staticmethod
+    async def _kill(proc: asyncio.subprocess.Process) -> None:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+    async def stop_all(self) -> None:
+        await asyncio.gather(*(self.stop(v) for v in list(self._procs)))
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "target exited (no log)"
+    return lines[-1] if lines else "target exited without a message"

@@ -1,0 +1,35 @@
+"""What the data plane asks of the control plane, as a small interface.
+
+The target never talks to etcd itself: ISR changes and the self-fencing clock reach it
+through ``Authority``, which ``csi_driver`` implements over etcd compare-and-swap. Keeping it
+an interface lets the target be tested with an in-memory authority and run with the real one.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from replication.errors import ReplicationError
+
+
+class FencedError(ReplicationError):
+    """Our epoch is no longer the volume's epoch: another owner took over. Stop acking."""
+
+
+class AuthorityUnavailableError(ReplicationError):
+    """The authority (etcd) could not confirm a change in time: do not acknowledge."""
+
+
+class Authority(Protocol):
+    async def remove_from_isr(self, node_ids: frozenset[str], reason: str) -> tuple[str, ...]:
+        """Remove ``node_ids`` from the volume's ISR by CAS; return the new ISR.
+
+        Raises FencedError when the record's epoch/owner is no longer ours and
+        AuthorityUnavailableError when the change could not be made in time. The target
+        acknowledges nothing a removed replica missed until this returned.
+        """
+        ...
+
+    def may_acknowledge(self) -> bool:
+        """False once our ownership lease may have expired (self-fencing)."""
+        ...

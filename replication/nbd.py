@@ -1,0 +1,400 @@
+"""Sans-IO NBD server protocol: bytes in, events out, bytes back.
+
+Owns the fixed-newstyle handshake for one export (options GO, INFO, EXPORT_NAME,
+LIST, ABORT; everything else refused), the parsing of transmission-phase
+requests, their validation against the export (flags, bounds, alignment, payload
+limits) with the error replies the spec asks for, and the encoding of simple
+replies. Structured replies and extended headers are never negotiated.
+
+Must not: touch sockets, files, asyncio or clocks; perform the requested I/O
+(the caller does, then calls `reply`); raise on anything the peer sends (that is
+a `ProtocolError` event, after which the connection is dead and must be closed).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+NBDMAGIC: Final = 0x4E42444D41474943
+IHAVEOPT: Final = 0x49484156454F5054
+OPT_REPLY_MAGIC: Final = 0x3E889045565A9
+REQUEST_MAGIC: Final = 0x25609513
+SIMPLE_REPLY_MAGIC: Final = 0x67446698
+
+# Handshake flags (server) and client flags share bit positions.
+FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES = 1 << 0, 1 << 1
+FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES = 1 << 0, 1 << 1
+# Transmission flags.
+TF_HAS_FLAGS, TF_SEND_FLUSH, TF_SEND_FUA = 1 << 0, 1 << 2, 1 << 3
+TF_SEND_TRIM, TF_SEND_WRITE_ZEROES, TF_CAN_MULTI_CONN = 1 << 5, 1 << 6, 1 << 8
+
+OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO = 1, 2, 3, 5, 6, 7
+REP_ACK, REP_SERVER, REP_INFO = 1, 2, 3
+REP_ERR_UNSUP, REP_ERR_POLICY, REP_ERR_INVALID, REP_ERR_UNKNOWN = (2**31 + n for n in (1, 2, 3, 6))
+INFO_EXPORT, INFO_NAME, INFO_BLOCK_SIZE = 0, 1, 3  # DESCRIPTION (2) is never sent
+
+CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES = range(7)
+CMD_FLAG_FUA, CMD_FLAG_NO_HOLE = 1 << 0, 1 << 1
+
+NBD_EPERM, NBD_EIO, NBD_ENOMEM, NBD_EINVAL, NBD_ENOSPC = 1, 5, 12, 22, 28
+NBD_EOVERFLOW, NBD_ENOTSUP, NBD_ESHUTDOWN = 75, 95, 108
+
+MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD = 512, 4096, 32 * 1024 * 1024
+# Legitimate options are an export name (<= 4 KiB) plus a few info codes; more
+# than this is a peer trying to make us buffer without bound.
+MAX_OPTION_LEN, MAX_NAME_LEN = 64 * 1024, 4096
+
+_GREETING = struct.Struct(">QQH")
+_OPT_HEADER = struct.Struct(">QII")
+_OPT_REPLY = struct.Struct(">QIII")
+_REQUEST = struct.Struct(">IHHQQI")
+_SIMPLE_REPLY = struct.Struct(">IIQ")
+_REQ_LEN: Final = _REQUEST.size
+_SERVER_FLAGS = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES
+_BASE_TFLAGS = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES
+
+# Command -> (flags it may carry, error for a range past the end of the export).
+# CACHE is not advertised but some clients send it regardless.
+_COMMAND_RULES: Final = {
+    CMD_READ: (CMD_FLAG_FUA, NBD_EINVAL),
+    CMD_FLUSH: (CMD_FLAG_FUA, NBD_EINVAL),
+    CMD_TRIM: (CMD_FLAG_FUA, NBD_EINVAL),
+    CMD_CACHE: (CMD_FLAG_FUA, NBD_EINVAL),
+    CMD_WRITE_ZEROES: (CMD_FLAG_FUA | CMD_FLAG_NO_HOLE, NBD_ENOSPC),
+}
+
+Payload = bytes | memoryview
+
+
+class State(enum.Enum):
+    CLIENT_FLAGS = "client_flags"
+    OPTIONS = "options"
+    TRANSMISSION = "transmission"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeComplete:
+    export_name: str
+    block_size_negotiated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRequest:
+    handle: int
+    offset: int
+    length: int
+    flags: int
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRequest:
+    handle: int
+    offset: int
+    data: Payload  # a view into the received chunk, never copied
+    fua: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FlushRequest:
+    handle: int
+
+
+@dataclass(frozen=True, slots=True)
+class TrimRequest:
+    handle: int
+    offset: int
+    length: int
+    fua: bool
+
+
+@dataclass(frozen=True, slots=True)
+class WriteZeroesRequest:
+    handle: int
+    offset: int
+    length: int
+    no_hole: bool
+    fua: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolError:
+    reason: str
+
+
+Request = ReadRequest | WriteRequest | FlushRequest | TrimRequest | WriteZeroesRequest
+Event = HandshakeComplete | Request | Disconnect | ProtocolError
+
+
+class NbdServerConnection:
+    """One server-side NBD connection for a single export, from greeting to close.
+
+    The greeting is queued at construction; drain `data_to_send()` after creating
+    the connection and after every `receive_data`. Write payloads in events are
+    memoryviews into the `bytes` handed to `receive_data`, so no payload is copied
+    unless it straddles two chunks.
+    """
+
+    def __init__(self, export_size: int, export_name: str = "", *, multi_conn: bool = False):
+        name = export_name.encode()
+        if export_size < 0 or export_size >= 1 << 63:
+            raise ValueError(f"export size out of range: {export_size}")
+        if len(name) > MAX_NAME_LEN:
+            raise ValueError("export name longer than 4096 bytes")
+        self._size, self._name = export_size, name
+        # A minimum block the size is not a multiple of would hide the export's tail.
+        self.min_block: Final = 1 if export_size % MIN_BLOCK else MIN_BLOCK
+        self.transmission_flags: Final = _BASE_TFLAGS | (TF_CAN_MULTI_CONN if multi_conn else 0)
+        self._state = State.CLIENT_FLAGS
+        self._no_zeroes = False
+        self._align_mask = 0
+        self._buf = b""  # handshake bytes not yet parsed
+        self._parts: list[Payload] = []  # pieces of a frame split across chunks
+        self._have = 0
+        self._out: list[Payload] = [_GREETING.pack(NBDMAGIC, IHAVEOPT, _SERVER_FLAGS)]
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    def data_to_send(self) -> list[Payload]:
+        """Bytes the protocol itself produced (handshake, rejected requests); drains."""
+        out, self._out = self._out, []
+        return out
+
+    def reply(self, handle: int, error: int = 0, data: Payload | None = None) -> list[Payload]:
+        """A simple reply as buffers for `writelines`; `data` is not copied.
+
+        `error` is an NBD error code; with an error the payload is dropped, as the
+        spec requires.
+        """
+        header = _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle)
+        return [header] if error or data is None else [header, data]
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Parse everything complete in `data` (plus earlier leftovers) into events."""
+        events: list[Event] = []
+        state = self._state  # a local: the handshake changes self._state below
+        if state is State.TRANSMISSION:
+            self._receive_requests(data, events)
+        elif state is not State.CLOSED:
+            self._buf += data
+            self._receive_handshake(events)
+            if self._state is State.TRANSMISSION and self._buf:
+                rest, self._buf = self._buf, b""
+                self._receive_requests(rest, events)
+        return events
+
+    def _receive_handshake(self, events: list[Event]) -> None:
+        if self._state is State.CLIENT_FLAGS and len(self._buf) >= 4:
+            (flags,) = struct.unpack_from(">I", self._buf)
+            if flags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES):
+                self._fail(events, f"unknown client flags 0x{flags:x}")
+                return
+            self._no_zeroes = bool(flags & FLAG_C_NO_ZEROES)
+            self._buf = self._buf[4:]
+            self._state = State.OPTIONS
+        while self._state is State.OPTIONS and len(self._buf) >= _OPT_HEADER.size:
+            buf = self._buf
+            magic, option, length = _OPT_HEADER.unpack_from(buf)
+            if magic != IHAVEOPT or length > MAX_OPTION_LEN:
+                self._fail(events, f"bad option header: magic 0x{magic:x}, length {length}")
+                return
+            end = _OPT_HEADER.size + length
+            if len(buf) < end:
+                return
+            self._buf = buf[end:]
+            self._option(option, buf[_OPT_HEADER.size : end], events)
+
+    def _opt_reply(self, option: int, rep: int, data: bytes = b"") -> None:
+        self._out.append(_OPT_REPLY.pack(OPT_REPLY_MAGIC, option, rep, len(data)) + data)
+
+    def _option(self, option: int, payload: bytes, events: list[Event]) -> None:
+        if option in (OPT_GO, OPT_INFO):
+            self._opt_info_or_go(option, payload, events)
+        elif option == OPT_EXPORT_NAME:
+            self._opt_export_name(payload, events)
+        elif option == OPT_LIST and payload:
+            self._opt_reply(option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")
+        elif option == OPT_LIST:
+            self._opt_reply(option, REP_SERVER, struct.pack(">I", len(self._name)) + self._name)
+            self._opt_reply(option, REP_ACK)
+        elif option == OPT_ABORT:
+            self._opt_reply(option, REP_ACK)
+            self._state = State.CLOSED
+            events.append(Disconnect("client sent NBD_OPT_ABORT"))
+        elif option == OPT_STARTTLS:
+            self._opt_reply(option, REP_ERR_POLICY, b"TLS is not configured")
+        else:  # includes STRUCTURED_REPLY: we only ever send simple replies
+            self._opt_reply(option, REP_ERR_UNSUP, b"option not supported")
+
+    def _opt_export_name(self, payload: bytes, events: list[Event]) -> None:
+        if payload and payload != self._name:  # this option has no error reply: hang up
+            self._fail(events, f"unknown export {payload[:64]!r}")
+            return
+        zeroes = b"" if self._no_zeroes else bytes(124)
+        self._out.append(struct.pack(">QH", self._size, self.transmission_flags) + zeroes)
+        self._enter_transmission(events, block_size_negotiated=False)
+
+    def _opt_info_or_go(self, option: int, payload: bytes, events: list[Event]) -> None:
+        parsed = _parse_info_request(payload)
+        if parsed is None:
+            self._opt_reply(option, REP_ERR_INVALID, b"malformed NBD_OPT_INFO/GO data")
+            return
+        name, infos = parsed
+        if name and name != self._name:
+            self._opt_reply(option, REP_ERR_UNKNOWN, b"no such export")
+            return
+        export = struct.pack(">HQH", INFO_EXPORT, self._size, self.transmission_flags)
+        block = struct.pack(">HIII", INFO_BLOCK_SIZE, self.min_block, PREFERRED_BLOCK, MAX_PAYLOAD)
+        self._opt_reply(option, REP_INFO, export)
+        self._opt_reply(option, REP_INFO, block)
+        if INFO_NAME in infos:
+            self._opt_reply(option, REP_INFO, struct.pack(">H", INFO_NAME) + self._name)
+        self._opt_reply(option, REP_ACK)
+        if option == OPT_GO:
+            self._enter_transmission(events, block_size_negotiated=INFO_BLOCK_SIZE in infos)
+
+    def _enter_transmission(self, events: list[Event], *, block_size_negotiated: bool) -> None:
+        # Only a client that asked for block sizes promised to honour them; the
+        # others get the default constraints (any alignment).
+        self._align_mask = self.min_block - 1 if block_size_negotiated else 0
+        self._state = State.TRANSMISSION
+        events.append(HandshakeComplete(self._name.decode(errors="replace"), block_size_negotiated))
+
+    def _fail(self, events: list[Event], reason: str) -> None:
+        self._state = State.CLOSED
+        self._buf, self._parts, self._have = b"", [], 0
+        events.append(ProtocolError(reason))
+
+    def _receive_requests(self, data: bytes, events: list[Event]) -> None:
+        pos = 0
+        if self._have:
+            pos = self._complete_straddler(data, events)
+            if pos < 0:
+                return
+        pos = self._parse(data, pos, events)
+        if pos < len(data) and self._state is State.TRANSMISSION:
+            # A view, not a copy: `data` is immutable and the frame is joined once.
+            self._parts = [memoryview(data)[pos:]]
+            self._have = len(data) - pos
+
+    def _complete_straddler(self, data: bytes, events: list[Event]) -> int:
+        """Finish the frame split across chunks, joining its pieces exactly once.
+
+        Returns how much of `data` it used, or -1 if the frame is still incomplete.
+        """
+        used = 0
+        if self._have < _REQ_LEN:
+            used = min(_REQ_LEN - self._have, len(data))
+            head = b"".join(self._parts) + data[:used]
+            self._parts, self._have = [head], len(head)
+            if len(head) < _REQ_LEN:
+                return -1
+        magic, _flags, cmd, _handle, _offset, length = _REQUEST.unpack_from(self._parts[0])
+        is_write = magic == REQUEST_MAGIC and cmd == CMD_WRITE and length <= MAX_PAYLOAD
+        total = _REQ_LEN + length if is_write else _REQ_LEN
+        piece = memoryview(data)[used : used + total - self._have]
+        used += len(piece)
+        self._parts.append(piece)
+        self._have += len(piece)
+        if self._have < total:
+            return -1
+        frame = b"".join(self._parts)
+        self._parts, self._have = [], 0
+        self._parse(frame, 0, events)
+        return used if self._state is State.TRANSMISSION else len(data)
+
+    def _parse(self, buf: bytes, pos: int, events: list[Event]) -> int:
+        """Parse whole frames from `buf[pos:]`; returns where the first partial one starts."""
+        end = len(buf)
+        unpack = _REQUEST.unpack_from
+        view: memoryview | None = None
+        while end - pos >= _REQ_LEN:
+            magic, flags, cmd, handle, offset, length = unpack(buf, pos)
+            if magic != REQUEST_MAGIC:
+                self._fail(events, f"bad request magic 0x{magic:08x}")
+                return end
+            if cmd != CMD_WRITE:
+                pos += _REQ_LEN
+                self._command(cmd, flags, handle, offset, length, events)
+                if self._state is not State.TRANSMISSION:
+                    return end
+                continue
+            if length > MAX_PAYLOAD:
+                # Its payload would have to be read and thrown away: treat as abuse.
+                self._fail(events, f"write payload {length} exceeds {MAX_PAYLOAD}")
+                return end
+            stop = pos + _REQ_LEN + length
+            if stop > end:
+                break
+            if view is None:
+                view = memoryview(buf)
+            data = view[pos + _REQ_LEN : stop]
+            pos = stop
+            err = self._check(flags, CMD_FLAG_FUA, offset, length, NBD_ENOSPC)
+            if err:
+                self._out.append(_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, err, handle))
+            else:
+                events.append(WriteRequest(handle, offset, data, bool(flags & CMD_FLAG_FUA)))
+        return pos
+
+    def _check(self, flags: int, allowed: int, offset: int, length: int, range_err: int) -> int:
+        if flags & ~allowed:
+            return NBD_EINVAL
+        if offset + length > self._size:
+            return range_err
+        if (offset | length) & self._align_mask:
+            return NBD_EINVAL
+        return 0
+
+    def _command(
+        self, cmd: int, flags: int, handle: int, offset: int, length: int, events: list[Event]
+    ) -> None:
+        if cmd == CMD_DISC:
+            self._state = State.CLOSED
+            events.append(Disconnect("client sent NBD_CMD_DISC"))
+            return
+        rule = _COMMAND_RULES.get(cmd)
+        if rule is None:
+            err = NBD_EINVAL
+        elif cmd == CMD_FLUSH:  # offset and length are reserved: not checked
+            err = NBD_EINVAL if flags & ~rule[0] else 0
+        else:
+            err = self._check(flags, rule[0], offset, length, rule[1])
+            if cmd == CMD_READ and length > MAX_PAYLOAD:
+                err = err or NBD_EINVAL
+        if err or cmd == CMD_CACHE:  # CACHE is only a hint: succeed without acting
+            self._out.append(_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, err, handle))
+            return
+        fua = bool(flags & CMD_FLAG_FUA)
+        if cmd == CMD_READ:
+            events.append(ReadRequest(handle, offset, length, flags))
+        elif cmd == CMD_WRITE_ZEROES:
+            no_hole = bool(flags & CMD_FLAG_NO_HOLE)
+            events.append(WriteZeroesRequest(handle, offset, length, no_hole, fua))
+        elif cmd == CMD_TRIM:
+            events.append(TrimRequest(handle, offset, length, fua))
+        else:
+            events.append(FlushRequest(handle))
+
+
+def _parse_info_request(payload: bytes) -> tuple[bytes, tuple[int, ...]] | None:
+    """Split NBD_OPT_INFO/GO data into (export name, info types); None if malformed."""
+    if len(payload) < 6:
+        return None
+    (name_len,) = struct.unpack_from(">I", payload)
+    if name_len > len(payload) - 6:
+        return None
+    (count,) = struct.unpack_from(">H", payload, 4 + name_len)
+    if 6 + name_len + 2 * count != len(payload):
+        return None
+    return payload[4 : 4 + name_len], struct.unpack_from(f">{count}H", payload, 6 + name_len)

@@ -1,0 +1,1 @@
+"""CSI conformance suite: every supported RPC against a real local tandem cluster."""

@@ -1,0 +1,246 @@
+"""The target's fan-out against real replica server processes on loopback.
+
+The authority here is a small in-memory implementation of the ``Authority`` interface (the
+etcd one is exercised by the cluster tests); everything else is real: replica servers in
+their own processes, TCP, files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from replication.authority import FencedError
+from replication.backend import BackendIOError
+from replication.pool.file import FilePool
+from replication.replica_client import ReplicaClient
+from replication.target import NoInSyncReplicaError, ReplicaEndpoint, ReplicatedBackend
+
+pytestmark = pytest.mark.integration
+
+VOLUME = "vol-fanout"
+SIZE = 16 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Replica:
+    node_id: str
+    pool_dir: Path
+    meta_dir: Path
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "replication.replica_server", "--pool-dir",
+             str(self.pool_dir), "--pool-size", str(1 << 30), "--meta-dir", str(self.meta_dir),
+             "--listen", f"127.0.0.1:{self.port}", "--node-id", self.node_id],
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"replica server {self.node_id} did not start")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            if sig in (signal.SIGKILL, signal.SIGTERM):
+                self.proc.wait()
+
+    def data(self) -> bytes:
+        return (self.pool_dir / f"{VOLUME}.img").read_bytes()
+
+    @property
+    def endpoint(self) -> ReplicaEndpoint:
+        return ReplicaEndpoint(self.node_id, "127.0.0.1", self.port)
+
+
+@dataclass
+class MemoryAuthority:
+    """The Authority contract in memory: ISR shrink as a compare-and-swap on the epoch."""
+
+    isr: list[str]
+    epoch: int
+    current_epoch: list[int]
+    removed: list[str] = field(default_factory=list)
+    acknowledge: bool = True
+
+    async def remove_from_isr(self, node_ids: frozenset[str], reason: str) -> tuple[str, ...]:
+        if self.current_epoch[0] != self.epoch:
+            raise FencedError(f"epoch moved to {self.current_epoch[0]}")
+        self.isr = [n for n in self.isr if n not in node_ids]
+        self.removed.extend(sorted(node_ids))
+        return tuple(self.isr)
+
+    def may_acknowledge(self) -> bool:
+        return self.acknowledge
+
+
+@pytest.fixture
+def replicas(tmp_path: Path) -> Iterator[list[Replica]]:
+    out = []
+    for i in range(3):
+        pool_dir, meta_dir = tmp_path / f"pool{i}", tmp_path / f"meta{i}"
+        pool_dir.mkdir()
+        meta_dir.mkdir()
+        FilePool(pool_dir, 1 << 30).create(VOLUME, SIZE)
+        out.append(Replica(f"n{i}", pool_dir, meta_dir, free_port()))
+    try:
+        for r in out:
+            r.start()
+        yield out
+    finally:
+        for r in out:
+            if r.proc is not None and r.proc.poll() is None:
+                r.proc.send_signal(signal.SIGCONT)
+            r.kill()
+
+
+async def connect(endpoint: ReplicaEndpoint) -> ReplicaClient:
+    return await ReplicaClient.connect(
+        endpoint.host, endpoint.port, "owner", request_timeout_s=1.5
+    )
+
+
+async def open_backend(
+    replicas: list[Replica], authority: MemoryAuthority, state_dir: Path
+) -> ReplicatedBackend:
+    return await ReplicatedBackend.open(
+        VOLUME, authority.epoch, SIZE, [r.endpoint for r in replicas], list(authority.isr),
+        replicas[0].node_id, authority, state_dir, connect,
+    )
+
+
+def run(coro: object) -> object:
+    return asyncio.run(asyncio.wait_for(coro, 60))  # type: ignore[arg-type]
+
+
+def test_writes_reach_every_replica(replicas: list[Replica], tmp_path: Path) -> None:
+    authority = MemoryAuthority(["n0", "n1", "n2"], 1, [1])
+
+    async def scenario() -> bytes:
+        backend = await open_backend(replicas, authority, tmp_path / "state")
+        blocks = [os.urandom(4096) for _ in range(256)]
+        await asyncio.gather(
+            *(backend.write(i * 8192, b, fua=False) for i, b in enumerate(blocks))
+        )
+        await backend.write(SIZE - 4096, b"\x07" * 4096, fua=True)
+        await backend.flush()
+        got = await backend.read(0, 256 * 8192)
+        backend.close()
+        expected = b"".join(b + bytes(4096) for b in blocks)
+        assert got == expected
+        return expected
+
+    expected = run(scenario())
+    images = [r.data() for r in replicas]
+    assert images[0] == images[1] == images[2]
+    assert images[0][: len(expected)] == expected  # type: ignore[arg-type]
+
+
+def test_failed_replica_leaves_isr_before_ack(replicas: list[Replica], tmp_path: Path) -> None:
+    authority = MemoryAuthority(["n0", "n1", "n2"], 1, [1])
+
+    async def scenario() -> None:
+        backend = await open_backend(replicas, authority, tmp_path / "state")
+        await backend.write(0, b"a" * 4096, fua=False)
+        replicas[2].kill()
+        await backend.write(1 << 20, b"b" * 4096, fua=False)  # acked by n0, n1 only
+        assert authority.isr == ["n0", "n1"] and authority.removed == ["n2"]
+        assert backend.isr == ("n0", "n1")
+        bitmap = backend.bitmap("n2")
+        assert bitmap is not None and bitmap.is_marked(1)
+        await backend.flush()
+        backend.close()
+
+    run(scenario())
+    assert replicas[0].data() == replicas[1].data()
+    assert (tmp_path / "state" / f"{VOLUME}.n2.bitmap").exists()
+
+
+def test_stopped_replica_times_out_and_is_dropped(
+    replicas: list[Replica], tmp_path: Path
+) -> None:
+    authority = MemoryAuthority(["n0", "n1", "n2"], 1, [1])
+
+    async def scenario() -> None:
+        backend = await open_backend(replicas, authority, tmp_path / "state")
+        replicas[1].kill(signal.SIGSTOP)
+        await backend.write(0, b"c" * 4096, fua=False)
+        assert "n1" not in backend.isr
+        backend.close()
+
+    run(scenario())
+
+
+def test_takeover_fences_the_old_owner(replicas: list[Replica], tmp_path: Path) -> None:
+    epoch = [1]
+    old_authority = MemoryAuthority(["n0", "n1", "n2"], 1, epoch)
+
+    async def scenario() -> None:
+        old = await open_backend(replicas, old_authority, tmp_path / "old")
+        await old.write(0, b"o" * 4096, fua=False)
+        epoch[0] = 2  # the epoch moves by CAS in etcd
+        new = await open_backend(replicas, MemoryAuthority(["n0", "n1", "n2"], 2, epoch),
+                                 tmp_path / "new")
+        with pytest.raises(BackendIOError):
+            await old.write(0, b"x" * 4096, fua=False)
+        assert old.fenced is not None
+        with pytest.raises(BackendIOError):
+            await old.read(0, 4096)
+        await new.write(4096, b"n" * 4096, fua=False)
+        assert await new.read(0, 8192) == b"o" * 4096 + b"n" * 4096
+        old.close()
+        new.close()
+
+    run(scenario())
+    assert replicas[0].data() == replicas[1].data() == replicas[2].data()
+
+
+def test_self_fenced_owner_acknowledges_nothing(
+    replicas: list[Replica], tmp_path: Path
+) -> None:
+    authority = MemoryAuthority(["n0", "n1", "n2"], 1, [1])
+
+    async def scenario() -> None:
+        backend = await open_backend(replicas, authority, tmp_path / "state")
+        authority.acknowledge = False
+        with pytest.raises(BackendIOError):
+            await backend.write(0, b"z" * 4096, fua=False)
+        backend.close()
+
+    run(scenario())
+
+
+def test_no_reachable_isr_member_refuses_to_serve(
+    replicas: list[Replica], tmp_path: Path
+) -> None:
+    authority = MemoryAuthority(["n1", "n2"], 1, [1])
+    replicas[1].kill()
+    replicas[2].kill()
+
+    async def scenario() -> None:
+        with pytest.raises(NoInSyncReplicaError):
+            await open_backend(replicas, authority, tmp_path / "state")
+
+    run(scenario())
