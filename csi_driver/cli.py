@@ -52,6 +52,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
         csi_socket=cfg.parse_unix_endpoint(args.csi_endpoint, "--csi-endpoint"),
         etcd=_etcd(args),
         default_replicas=args.default_replicas,
+        replace_after_s=args.replace_dead_after,
     )
     _run(run_controller(config))
     return 0
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     ctl = sub.add_parser("controller", help="run the CSI controller plugin")
     _add_daemon_flags(ctl)
     ctl.add_argument("--default-replicas", type=int, default=3)
+    ctl.add_argument("--replace-dead-after", type=float, default=300.0,
+                     help="seconds a replica node must stay dead before it is replaced")
     ctl.set_defaults(func=cmd_controller)
 
     node = sub.add_parser("node", help="run the CSI node plugin on this node")

@@ -72,12 +72,14 @@ async def _volumes(cluster_dir: Path) -> list[dict[str, Any]]:
         out = []
         for versioned in await store.list_volumes():
             rec = versioned.value
+            progress = await store.get_progress(rec.volume_id)
             out.append(
                 {
                     "id": rec.volume_id, "name": rec.name, "size_bytes": rec.size_bytes,
                     "phase": rec.phase.value, "replicas": list(rec.replica_nodes()),
                     "isr": list(rec.isr), "owner": rec.owner, "epoch": rec.epoch,
                     "live_nodes": sorted(live),
+                    "resync": {n: vars(p) for n, p in progress.items()},
                 }
             )
         return out
@@ -105,8 +107,31 @@ def _volume_show(args: argparse.Namespace) -> int:
     if not match:
         print(f"tandem: no volume {args.volume!r}", file=sys.stderr)
         return 1
-    print(json.dumps(match[0], indent=2))
+    v = match[0]
+    if args.json:
+        print(json.dumps(v, indent=2))
+        return 0
+    print(f"volume   {v['id']}  ({v['name']})")
+    print(f"size     {v['size_bytes'] >> 20} MiB   phase {v['phase']}")
+    print(f"owner    {v['owner'] or '-'}   epoch {v['epoch']}")
+    for node in v["replicas"]:
+        state = "in sync" if node in v["isr"] else "out of sync"
+        if node not in v["live_nodes"]:
+            state += ", node down"
+        print(f"replica  {node:12} {state}")
+        resync = v["resync"].get(node)
+        if resync:
+            print(f"         {progress_bar(resync)}")
     return 0
+
+
+def progress_bar(p: dict[str, Any], width: int = 30) -> str:
+    total = max(int(p["total_bytes"]), 1)
+    done = min(int(p["done_bytes"]), total)
+    filled = width * done // total
+    return (f"{p['kind']:9} [{'#' * filled}{'.' * (width - filled)}] "
+            f"{done >> 20}/{total >> 20} MiB of {int(p['volume_bytes']) >> 20} MiB, "
+            f"{float(p['rate_bytes_s']) / (1 << 20):.1f} MiB/s")
 
 
 async def _verify(cluster_dir: Path, volume: str) -> int:
@@ -138,6 +163,26 @@ def _volume_verify(args: argparse.Namespace) -> int:
     return asyncio.run(_verify(Path(args.cluster).resolve(), args.volume))
 
 
+def _volume_export(args: argparse.Namespace) -> int:
+    from csi_driver.devcluster import ClusterError
+    from csi_driver.errors import TandemError
+    from csi_driver.export import ExportError, run_until_signalled
+
+    try:
+        return asyncio.run(run_until_signalled(
+            Path(args.cluster).resolve(), args.volume, args.as_node, Path(args.socket).resolve(),
+        ))
+    except (ExportError, ClusterError, TandemError) as exc:
+        print(f"tandem: {exc}", file=sys.stderr)
+        return 1
+
+
+def _bench_failover(args: argparse.Namespace) -> int:
+    from csi_driver import failover_bench
+
+    return failover_bench.run_from_args(args)
+
+
 def add_commands(sub: Any) -> None:
     cluster = sub.add_parser("cluster", help="local multi-node dev cluster")
     csub = cluster.add_subparsers(dest="cluster_command", required=True)
@@ -147,6 +192,13 @@ def add_commands(sub: Any) -> None:
     up.add_argument("--pool-size", default="2G")
     up.add_argument("--lease-ttl", type=float, default=5.0)
     up.set_defaults(func=_cluster_up)
+    bench = sub.add_parser("bench", help="benchmarks against a local dev cluster")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+    failover = bsub.add_parser("failover", help="kill owners mid-write; time and check takeover")
+    from csi_driver.failover_bench import add_arguments as add_failover_arguments
+
+    add_failover_arguments(failover)
+    failover.set_defaults(func=_bench_failover)
     for name, func in (("status", _cluster_status), ("down", _cluster_down)):
         p = csub.add_parser(name)
         p.add_argument("--dir", required=True)
@@ -170,8 +222,17 @@ def add_commands(sub: Any) -> None:
     vshow = vsub.add_parser("show")
     vshow.add_argument("volume")
     vshow.add_argument("--cluster", required=True)
+    vshow.add_argument("--json", action="store_true")
     vshow.set_defaults(func=_volume_show)
     verify = vsub.add_parser("verify", help="compare all replicas by checksum (exit 1: differ)")
     verify.add_argument("volume", help="volume id or name")
     verify.add_argument("--cluster", required=True)
     verify.set_defaults(func=_volume_verify)
+    export = vsub.add_parser(
+        "export", help="serve a volume's NBD export on a unix socket, unattached (dev/test)",
+    )
+    export.add_argument("volume", help="volume id or name")
+    export.add_argument("--cluster", required=True, help="dev cluster directory")
+    export.add_argument("--as-node", required=True, help="the node that takes ownership")
+    export.add_argument("--socket", required=True, help="unix socket path to serve NBD on")
+    export.set_defaults(func=_volume_export)

@@ -75,6 +75,13 @@ class ControllerConfig:
     default_replicas: int = 3
     agent_timeout_s: float = 10.0
     creating_grace_s: float = 60.0
+    replace_after_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.default_replicas <= 5:
+            raise ConfigError("--default-replicas must be within 1..5")
+        if self.replace_after_s <= 0:
+            raise ConfigError("--replace-dead-after must be > 0 seconds")
 
 
 @dataclass(frozen=True)

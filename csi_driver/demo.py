@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from csi_driver import devcluster
 from csi_driver._gen import csi_pb2
+from csi_driver.cli_tools import progress_bar
 from csi_driver.client import CsiClient, mount_capability
 from csi_driver.config import TOPOLOGY_KEY
 
@@ -93,6 +96,35 @@ def _verify(cluster_dir: Path, volume: str) -> None:
         detail(line)
 
 
+def _show(cluster_dir: Path, volume: str) -> dict[str, Any]:
+    result = subprocess.run(
+        [sys.executable, "-m", "csi_driver.cli", "volume", "show", volume, "--json",
+         "--cluster", str(cluster_dir)], capture_output=True, text=True, check=True,
+    )
+    return dict(json.loads(result.stdout))
+
+
+def _watch_rebuild(cluster_dir: Path, volume: str, node: str) -> None:
+    started = time.monotonic()
+    shown = ""
+    while time.monotonic() - started < 120:
+        state = _show(cluster_dir, volume)
+        progress = state["resync"].get(node)
+        if progress:
+            line = progress_bar(progress)
+            if line != shown:
+                detail(line)
+                shown = line
+        if node in state["isr"] and progress and progress["kind"] == "rebuilt":
+            copied, size = progress["done_bytes"], progress["volume_bytes"]
+            detail(f"{node} is back in sync after {time.monotonic() - started:.1f} s: copied "
+                   f"{copied >> 20} MiB of a {size >> 20} MiB volume "
+                   f"({100 * copied / size:.1f} %)")
+            return
+        time.sleep(0.3)
+    raise SystemExit(f"demo failed: {node} did not rejoin the ISR within 120 s")
+
+
 def _create(ctl: CsiClient, replicas: int) -> csi_pb2.Volume:
     return ctl.controller.CreateVolume(
         csi_pb2.CreateVolumeRequest(
@@ -161,13 +193,14 @@ def run(cluster_dir: Path, nodes: int) -> None:
             detail(f"{good}/{len(sums)} files intact on {survivor}")
             if good != len(sums):
                 raise SystemExit("demo failed: data lost in failover")
-            say("Replicas compared by checksum (the killed node is out of the ISR)")
+            say(f"Reviving {owner}: the owner on {survivor} rebuilds it while serving")
+            devcluster.revive_node(cluster_dir, owner)
+            _watch_rebuild(cluster_dir, volume.volume_id, owner)
+            say("Replicas compared by checksum")
             _verify(cluster_dir, volume.volume_id)
             with CsiClient(spec.node(survivor).csi_endpoint) as node:
                 _unpublish_unstage(node, volume.volume_id, work / "staging-2",
                                    work / "pod-volume-2")
-        print(f"\nRebuild of a returning node ({owner}) arrives with the failover work; "
-              "see docs/status.md.")
     finally:
         say("Tearing the cluster down")
         devcluster.down(cluster_dir)

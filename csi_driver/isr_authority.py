@@ -14,8 +14,9 @@ import time
 from collections.abc import Callable
 
 from csi_driver.state import errors as store_errors
+from csi_driver.state.model import Versioned, VolumeRecord
 from csi_driver.state.store import Store
-from replication.authority import AuthorityUnavailableError, FencedError
+from replication.authority import AuthorityUnavailableError, FencedError, ResyncProgress
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class EtcdAuthority:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    async def _try_remove(self, node_ids: frozenset[str], reason: str) -> tuple[str, ...]:
+    async def _ours(self) -> Versioned[VolumeRecord]:
         found = await self._store.get_volume(self._volume_id)
         if found is None:
             raise FencedError(f"volume {self._volume_id} no longer exists")
@@ -64,6 +65,11 @@ class EtcdAuthority:
                 f"volume {self._volume_id} is now owned by {record.owner} at epoch "
                 f"{record.epoch} (ours: {self._node_id} at {self._epoch})"
             )
+        return found
+
+    async def _try_remove(self, node_ids: frozenset[str], reason: str) -> tuple[str, ...]:
+        found = await self._ours()
+        record = found.value
         isr = tuple(n for n in record.isr if n not in node_ids)
         if isr == record.isr:
             return isr
@@ -72,3 +78,27 @@ class EtcdAuthority:
                     self._volume_id, self._node_id, self._epoch, list(isr),
                     sorted(node_ids), reason)
         return isr
+
+    async def add_to_isr(self, node_id: str) -> tuple[str, ...]:
+        for _ in range(8):
+            found = await self._ours()
+            record = found.value
+            if node_id not in record.replica_nodes():
+                raise FencedError(f"{node_id} is no longer a replica of {self._volume_id}")
+            if node_id in record.isr:
+                return record.isr
+            isr = (*record.isr, node_id)
+            try:
+                await self._store.update_volume(record.with_(isr=isr), found.mod_revision)
+            except store_errors.ConflictError:
+                continue
+            log.info("volume=%s node=%s epoch=%d replica %s joined the ISR: %s",
+                     self._volume_id, self._node_id, self._epoch, node_id, list(isr))
+            return isr
+        raise AuthorityUnavailableError("the volume record keeps changing")
+
+    async def report_progress(self, node_id: str, progress: ResyncProgress | None) -> None:
+        try:
+            await self._store.put_progress(self._volume_id, node_id, progress)
+        except store_errors.StoreError as exc:
+            log.debug("volume=%s progress not published: %s", self._volume_id, exc)

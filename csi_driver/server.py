@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -26,6 +27,7 @@ from csi_driver.locks import VolumeLocks
 from csi_driver.membership import Membership
 from csi_driver.node import NodeServicer
 from csi_driver.ownership import Ownership
+from csi_driver.reconciler import Reconciler
 from csi_driver.staging import StagingService
 from csi_driver.state import errors as store_errors
 from csi_driver.state.etcd import EtcdStore
@@ -37,7 +39,8 @@ from replication.replica_server import ReplicaServer
 
 log = logging.getLogger(__name__)
 
-RECONCILE_INTERVAL_S = 10.0
+RECONCILE_INTERVAL_S = 5.0
+SWEEP_INTERVAL_S = 30.0
 
 
 def _unix_address(path: Path) -> str:
@@ -58,7 +61,8 @@ async def _wait_for_signal() -> None:
 async def run_controller(config: ControllerConfig) -> None:
     store = EtcdStore(list(config.etcd.endpoints), prefix=config.etcd.prefix)
     agents = AgentClients(config.agent_timeout_s)
-    volumes = VolumeService(store, agents, VolumeLocks())
+    locks = VolumeLocks()
+    volumes = VolumeService(store, agents, locks)
     server = grpc.aio.server()
     csi_pb2_grpc.add_IdentityServicer_to_server(IdentityServicer(True, lambda: True), server)
     csi_pb2_grpc.add_ControllerServicer_to_server(
@@ -70,7 +74,10 @@ async def run_controller(config: ControllerConfig) -> None:
     await server.start()
     os.chmod(config.csi_socket, 0o600)
     log.info("controller serving csi=%s", config.csi_socket)
-    reconciler = asyncio.create_task(_reconcile_forever(volumes, config.creating_grace_s))
+    reconciler = asyncio.create_task(_reconcile_forever(Reconciler(
+        store, agents, locks, volumes, config.creating_grace_s, config.replace_after_s,
+        time.time, time.monotonic,
+    )))
     try:
         await _wait_for_signal()
     finally:
@@ -80,25 +87,41 @@ async def run_controller(config: ControllerConfig) -> None:
         await store.close()
 
 
-async def _reconcile_forever(volumes: VolumeService, grace_s: float) -> None:
+async def _reconcile_forever(reconciler: Reconciler) -> None:
     while True:
         await asyncio.sleep(RECONCILE_INTERVAL_S)
         try:
-            await volumes.reconcile_once(grace_s, time.time)
+            await reconciler.run_once()
         except (store_errors.StoreError, OSError) as exc:
             log.warning("reconcile failed: %s", exc)
 
 
-async def sweep_orphans(store: Store, pool: Pool, node_id: str) -> int:
-    """Delete local replicas that no volume record names (volume deleted while we were away)."""
+async def sweep_orphans(
+    store: Store, pool: Pool, node_id: str, forget: Callable[[str], None] = lambda _: None
+) -> int:
+    """Delete local replicas that no volume record names: the volume was deleted, or the
+    replica was replaced, while this node was away. Records name their replicas before the
+    replicas are created, so a replica being created is never swept."""
     removed = 0
     for info in await asyncio.to_thread(pool.list):
         found = await store.get_volume(info.volume_id)
         if found is None or node_id not in found.value.replica_nodes():
+            forget(info.volume_id)
             await asyncio.to_thread(pool.delete, info.volume_id)
             log.info("volume=%s node=%s orphan replica removed", info.volume_id, node_id)
             removed += 1
     return removed
+
+
+async def _sweep_forever(
+    store: Store, pool: Pool, node_id: str, forget: Callable[[str], None]
+) -> None:
+    while True:
+        await asyncio.sleep(SWEEP_INTERVAL_S)
+        try:
+            await sweep_orphans(store, pool, node_id, forget)
+        except (store_errors.StoreError, OSError) as exc:
+            log.warning("node=%s orphan sweep failed: %s", node_id, exc)
 
 
 def _open_pool(config: NodeConfig) -> Pool:
@@ -140,10 +163,12 @@ async def run_node(config: NodeConfig) -> None:
     log.info("node=%s serving csi=%s agent=%s", config.node_id, config.csi_socket,
              config.agent_address)
     renewer = asyncio.create_task(membership.run())
+    sweeper = asyncio.create_task(_sweep_forever(store, pool, config.node_id, replicas.forget))
     try:
         await _wait_for_signal()
     finally:
         renewer.cancel()
+        sweeper.cancel()
         await csi_server.stop(grace=2)
         await agent_server.stop(grace=2)
         await replicas.close()

@@ -16,19 +16,24 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from csi_driver.config import ConfigError, parse_etcd_endpoints
 from csi_driver.isr_authority import EtcdAuthority
+from csi_driver.state import errors as store_errors
 from csi_driver.state.etcd import EtcdStore, LeaseKeeper
 from csi_driver.state.model import OwnerClaim, VolumeRecord
+from replication.fencing import connect_and_fence, open_volume
 from replication.nbd_server import NbdServer
 from replication.replica_client import ReplicaClient
 from replication.target import ReplicaEndpoint, ReplicatedBackend
 
 log = logging.getLogger("csi_driver.target")
+
+REJOIN_INTERVAL_S = 2.0
 
 
 class TargetStartError(Exception):
@@ -69,9 +74,12 @@ async def serve(args: argparse.Namespace) -> None:
     async def connect(endpoint: ReplicaEndpoint) -> ReplicaClient:
         return await ReplicaClient.connect(endpoint.host, endpoint.port, args.node_id)
 
-    backend = await ReplicatedBackend.open(
+    backend = await open_volume(
         args.volume_id, epoch, record.size_bytes, await _endpoints(store, record),
         record.isr, args.node_id, authority, Path(args.state_dir), connect,
+    )
+    rejoiner = asyncio.get_running_loop().create_task(
+        _rejoin_forever(store, backend, args.volume_id, connect)
     )
     server = NbdServer(args.socket, backend, export_name=args.volume_id)
     await server.start()
@@ -84,8 +92,11 @@ async def serve(args: argparse.Namespace) -> None:
     await stop.wait()
     log.info("%s stopping", ctx)
     server.close()
+    rejoiner.cancel()
     try:
         if backend.fenced is None:
+            await backend.flush()
+            await backend.settle()  # graceful: the next owner need not converge
             await backend.flush()
     finally:
         backend.close()
@@ -93,6 +104,32 @@ async def serve(args: argparse.Namespace) -> None:
         await keeper.stop()
         await store.revoke_lease(lease)
         await store.close()
+
+
+async def _rejoin_forever(
+    store: EtcdStore, backend: ReplicatedBackend, volume_id: str,
+    connect: Callable[[ReplicaEndpoint], Awaitable[ReplicaClient]],
+) -> None:
+    """Bring back replicas that are out of the ISR once their node is live (rebuild, I5)."""
+    while backend.fenced is None:
+        await asyncio.sleep(REJOIN_INTERVAL_S)
+        try:
+            found = await store.get_volume(volume_id)
+            if found is None or found.value.epoch != backend.epoch:
+                continue  # fenced soon: a write's CAS or a replica will tell the backend
+            endpoints = await _endpoints(store, found.value)
+        except store_errors.StoreError:
+            continue
+        for endpoint in endpoints:
+            if backend.is_member(endpoint.node_id):
+                continue
+            try:
+                client = await connect_and_fence(endpoint, volume_id, backend.epoch, connect)
+            except Exception as exc:  # still unreachable: try again next round
+                log.debug("volume=%s replica=%s not back yet: %s", volume_id,
+                          endpoint.node_id, exc)
+                continue
+            backend.start_resync(endpoint.node_id, client, join=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from csi_driver import errors
@@ -21,6 +23,7 @@ from csi_driver.config import NodeConfig
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0
+_SUN_PATH_MAX = 100
 STOP_GRACE_S = 15.0
 
 
@@ -32,7 +35,14 @@ class TargetProcesses:
         self._procs: dict[str, asyncio.subprocess.Process] = {}
 
     def socket_path(self, volume_id: str) -> Path:
-        return self._dir / f"{volume_id}.nbd.sock"
+        path = self._dir / f"{volume_id}.nbd.sock"
+        if len(str(path)) < _SUN_PATH_MAX:
+            return path
+        # A unix socket path must fit sun_path (108 bytes); deep state dirs (tests) do not.
+        digest = hashlib.sha256(str(self._dir).encode()).hexdigest()[:12]
+        short = Path(tempfile.gettempdir()) / f"tandem-{digest}"
+        short.mkdir(mode=0o700, exist_ok=True)
+        return short / f"{volume_id}.sock"
 
     def running(self, volume_id: str) -> bool:
         proc = self._procs.get(volume_id)

@@ -14,7 +14,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from csi_driver import errors
@@ -191,7 +191,7 @@ class VolumeService:
             )
         except Exception:
             log.warning("volume=%s replica creation failed; rolling back", record.volume_id)
-            await self._remove(versioned)
+            await self.remove(versioned)
             raise
         ready = record.with_(
             phase=VolumePhase.READY,
@@ -217,9 +217,9 @@ class VolumeService:
                 raise errors.FailedPreconditionError(
                     f"volume {volume_id} is staged on node {found.value.owner}"
                 )
-            await self._remove(found)
+            await self.remove(found)
 
-    async def _remove(self, versioned: Versioned[VolumeRecord]) -> None:
+    async def remove(self, versioned: Versioned[VolumeRecord]) -> None:
         """Mark deleting, delete replicas on live nodes, drop the record.
 
         Replicas on nodes that are down are left for that node's orphan sweep when it
@@ -295,23 +295,3 @@ class VolumeService:
             matching = [c for c in cands if c.node_id == node_id]
             return matching[0].free_bytes if matching else 0
         return usable_capacity(cands, min(replicas, len(cands)) if cands else 1)
-
-    async def reconcile_once(self, creating_grace_s: float, now: Callable[[], float]) -> int:
-        """Roll back stale ``creating`` records and finish ``deleting`` ones; return count."""
-        acted = 0
-        for versioned in await self._store.list_volumes():
-            record = versioned.value
-            if self._locks.is_held(record.volume_id):
-                continue
-            stale = (
-                record.phase is VolumePhase.CREATING
-                and now() - record.created_at > creating_grace_s
-            )
-            if stale or record.phase is VolumePhase.DELETING:
-                try:
-                    with self._locks.hold(record.volume_id):
-                        await self._remove(versioned)
-                    acted += 1
-                except (errors.TandemError, store_errors.StoreError) as exc:
-                    log.info("volume=%s reconcile deferred: %s", record.volume_id, exc)
-        return acted

@@ -7,6 +7,7 @@ an interface lets the target be tested with an in-memory authority and run with 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 from replication.errors import ReplicationError
@@ -30,6 +31,25 @@ class Authority(Protocol):
         """
         ...
 
+    async def add_to_isr(self, node_id: str) -> tuple[str, ...]:
+        """Add a rebuilt replica to the ISR by CAS (same fencing rules); return the new ISR."""
+        ...
+
+    async def report_progress(self, node_id: str, progress: ResyncProgress | None) -> None:
+        """Publish rebuild progress for operators (best effort; never raises)."""
+        ...
+
     def may_acknowledge(self) -> bool:
         """False once our ownership lease may have expired (self-fencing)."""
         ...
+
+
+@dataclass(frozen=True)
+class ResyncProgress:
+    """A rebuild (``join``) or convergence of one replica, as operators see it."""
+
+    kind: str  # "rebuild" | "converge"
+    done_bytes: int
+    total_bytes: int
+    rate_bytes_s: float
+    volume_bytes: int

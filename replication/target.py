@@ -1,12 +1,14 @@
 """The volume target: the single writer's fan-out of block I/O to the in-sync replicas.
 
 ``ReplicatedBackend`` implements the NBD front end's ``BlockBackend``. Every write goes to
-every ISR replica (frames of one event-loop tick leave in one ``writelines`` per replica)
-and is acknowledged only when all of them acknowledged (I1). A replica that fails or times
-out is removed from the ISR through the ``Authority`` (etcd CAS) *before* the write is
-acknowledged, and what it missed is marked in its dirty bitmap (I3). A STALE_EPOCH answer or
-a failed CAS means another owner took over: the target is fenced and fails every request
-from then on (I2). Reads come from the local replica when it is in the ISR.
+every replica in the write set (the ISR plus replicas being rebuilt; frames of one event-loop
+tick leave in one ``writelines`` per replica) and is acknowledged only when all of them
+answered (I1). A replica that fails or times out is removed from the ISR through the
+``Authority`` (etcd CAS) *before* the write is acknowledged, and what it missed is marked in
+its dirty bitmap (I3). A STALE_EPOCH answer or a failed CAS means another owner took over:
+the target is fenced and fails every request from then on (I2). Reads come from the first
+ISR replica (the local one when it is in sync). Rebuild and convergence (``resync``) run
+here because only the single writer can order copies against writes (I4, I5).
 
 Must not: talk to etcd (the Authority does), parse NBD, or block the event loop.
 """
@@ -14,24 +16,32 @@ Must not: talk to etcd (the Authority does), parse NBD, or block the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import zlib
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from replication.authority import Authority, AuthorityUnavailableError, FencedError
+from replication.authority import (
+    Authority,
+    AuthorityUnavailableError,
+    FencedError,
+    ResyncProgress,
+)
 from replication.backend import BackendIOError, Payload
 from replication.bitmap import DirtyBitmap
 from replication.errors import ReplicaUnavailableError
 from replication.messages import Response, Status
 from replication.replica_client import ReplicaClient
+from replication.resync import Resync
 
 log = logging.getLogger(__name__)
 
 MAX_INFLIGHT_BYTES = 64 << 20
+RETRY_CONVERGE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -72,9 +82,6 @@ class _ByteBudget:
                 waiter.set_result(None)
 
 
-Connect = Callable[[ReplicaEndpoint], Awaitable[ReplicaClient]]
-
-
 class ReplicatedBackend:
     def __init__(
         self, volume_id: str, epoch: int, size: int, clients: dict[str, ReplicaClient],
@@ -86,12 +93,17 @@ class ReplicatedBackend:
         self._size = size
         self._clients = clients
         self._local = local_node
-        self._isr = self._read_order(isr)
+        self._isr = sorted(isr, key=lambda n: n != local_node)
         self._authority = authority
         self._state_dir = state_dir
+        # Regions each replica outside the ISR (or being converged) may lack.
         self._bitmaps = {n: self._load_bitmap(n) for n in out_of_sync}
+        self._resyncs: dict[str, tuple[Resync, asyncio.Task[None]]] = {}
         self._dropping: dict[str, asyncio.Future[None]] = {}
         self._budget = _ByteBudget(MAX_INFLIGHT_BYTES)
+        self._ops: set[asyncio.Future[list[Response | BaseException]]] = set()
+        self._open_gate = asyncio.Event()
+        self._open_gate.set()
         self.fenced: str | None = None
 
     @property
@@ -102,69 +114,8 @@ class ReplicatedBackend:
     def isr(self) -> tuple[str, ...]:
         return tuple(self._isr)
 
-    def _read_order(self, isr: Sequence[str]) -> list[str]:
-        return sorted(isr, key=lambda n: n != self._local)
-
     def _ctx(self) -> str:
         return f"volume={self.volume_id} epoch={self.epoch}"
-
-    # -- opening --------------------------------------------------------------------------
-
-    @classmethod
-    async def open(
-        cls, volume_id: str, epoch: int, size: int, endpoints: Sequence[ReplicaEndpoint],
-        isr: Sequence[str], local_node: str | None, authority: Authority, state_dir: Path,
-        connect: Connect,
-    ) -> ReplicatedBackend:
-        """Connect to and fence every replica; drop unreachable ISR members before serving."""
-        results = await asyncio.gather(
-            *(cls._connect_and_fence(e, volume_id, epoch, connect) for e in endpoints),
-            return_exceptions=True,
-        )
-        clients: dict[str, ReplicaClient] = {}
-        for endpoint, result in zip(endpoints, results, strict=True):
-            if isinstance(result, ReplicaClient):
-                clients[endpoint.node_id] = result
-            else:
-                log.warning("volume=%s epoch=%d replica=%s not fenced: %s",
-                            volume_id, epoch, endpoint.node_id, result)
-        fenced_isr = [n for n in isr if n in clients]
-        if not fenced_isr:
-            for client in clients.values():
-                client.close()
-            raise NoInSyncReplicaError(
-                f"volume {volume_id}: none of the in-sync replicas {list(isr)} could be "
-                "fenced; refusing to serve possibly stale data"
-            )
-        unreachable = frozenset(isr) - set(fenced_isr)
-        if unreachable:
-            try:
-                await authority.remove_from_isr(unreachable, "not reachable at takeover")
-            except (FencedError, AuthorityUnavailableError):
-                for client in clients.values():
-                    client.close()
-                raise
-        out_of_sync = [e.node_id for e in endpoints if e.node_id not in fenced_isr]
-        return cls(volume_id, epoch, size, clients, fenced_isr, local_node, authority,
-                   state_dir, out_of_sync)
-
-    @staticmethod
-    async def _connect_and_fence(
-        endpoint: ReplicaEndpoint, volume_id: str, epoch: int, connect: Connect
-    ) -> ReplicaClient:
-        client = await connect(endpoint)
-        try:
-            response = await client.fence(volume_id, epoch)
-        except BaseException:
-            client.close()
-            raise
-        if response.status is not Status.OK:
-            client.close()
-            raise ReplicaUnavailableError(
-                f"fence at epoch {epoch} refused: {response.status.name} "
-                f"(replica fenced at {response.epoch})"
-            )
-        return client
 
     # -- the write path -------------------------------------------------------------------
 
@@ -176,16 +127,26 @@ class ReplicatedBackend:
             log.error("%s %s", self._ctx(), self.fenced)
             raise BackendIOError(errno.EIO, self.fenced)
 
+    def _write_set(self) -> list[str]:
+        return self._isr + [n for n in self._resyncs if n not in self._isr]
+
     async def _fan_out(
         self, send: Callable[[ReplicaClient], asyncio.Future[Response]], offset: int,
         length: int,
     ) -> None:
+        if not self._open_gate.is_set():
+            await self._open_gate.wait()
         self._check_serving()
-        members = list(self._isr)
+        members = self._write_set()
         futures = [send(self._clients[n]) for n in members]
         for bitmap in self._bitmaps.values():
             bitmap.mark(offset, length)
-        results = await asyncio.gather(*futures, return_exceptions=True)
+        gathered = asyncio.gather(*futures, return_exceptions=True)
+        self._ops.add(gathered)
+        try:
+            results = await gathered
+        finally:
+            self._ops.discard(gathered)
         failed: list[str] = []
         for node, result in zip(members, results, strict=True):
             if isinstance(result, Response):
@@ -228,7 +189,12 @@ class ReplicatedBackend:
 
     async def read(self, offset: int, length: int) -> bytes:
         self._check_serving()
-        for node in list(self._isr):
+        return await self.read_source(offset, length)
+
+    async def read_source(self, offset: int, length: int) -> bytes:
+        """Read from the first ISR replica; a failing one is dropped and the next tried."""
+        while self._isr:
+            node = self._isr[0]
             try:
                 response = await self._clients[node].read(
                     self.volume_id, self.epoch, offset, length
@@ -243,6 +209,26 @@ class ReplicatedBackend:
             await self._drop([node], 0, 0)
         raise BackendIOError(errno.EIO, "no in-sync replica could serve the read")
 
+    def source_client(self) -> ReplicaClient:
+        if not self._isr:
+            raise ReplicaUnavailableError("no in-sync replica left")
+        return self._clients[self._isr[0]]
+
+    async def quiesce(self) -> None:
+        """Wait until every write issued so far has been answered by every replica."""
+        if self._ops:
+            await asyncio.gather(*list(self._ops), return_exceptions=True)
+
+    @contextlib.asynccontextmanager
+    async def writes_paused(self) -> AsyncIterator[None]:
+        """Hold new writes (they wait, they do not fail) and drain the ones in flight."""
+        self._open_gate.clear()
+        try:
+            await self.quiesce()
+            yield
+        finally:
+            self._open_gate.set()
+
     # -- ISR changes ----------------------------------------------------------------------
 
     def _fence(self, reason: str) -> None:
@@ -252,18 +238,21 @@ class ReplicatedBackend:
         raise BackendIOError(errno.EIO, f"fenced: {reason}")
 
     async def _drop(self, nodes: Sequence[str], offset: int, length: int) -> None:
-        """Remove failed replicas from the ISR (once each, even under concurrent failures)."""
+        """Take failed replicas out of the write set (ISR members by CAS, once each)."""
         pending = []
         for node in nodes:
+            # Marked before the ISR change is confirmed: the region is recorded as missed
+            # whether or not this write reached the replica.
+            self._bitmaps.setdefault(node, DirtyBitmap(self._size)).mark(offset, length)
+            self._abort_resync(node)
+            if node not in self._isr:
+                self._disconnect(node)
+                continue
             future = self._dropping.get(node)
             if future is None:
                 future = asyncio.ensure_future(self._remove(node))
                 self._dropping[node] = future
             pending.append(future)
-            # Marked before the ISR change is confirmed: the region is recorded as missed
-            # whether or not this write reached the replica.
-            bitmap = self._bitmaps.setdefault(node, DirtyBitmap(self._size))
-            bitmap.mark(offset, length)
         await asyncio.gather(*pending)
         if not self._isr:
             self._fence("no in-sync replica left")
@@ -277,13 +266,88 @@ class ReplicatedBackend:
         except AuthorityUnavailableError as exc:
             self._dropping.pop(node, None)  # retried by the next failing request
             raise BackendIOError(errno.EIO, f"cannot shrink the ISR: {exc}") from exc
-        self._bitmaps.setdefault(node, DirtyBitmap(self._size))
         self._isr = [n for n in self._isr if n != node and n in new_isr]
+        self._dropping.pop(node, None)
+        self._disconnect(node)
+        self.save_bitmaps()
+        log.warning("%s replica=%s removed from ISR; isr=%s", self._ctx(), node, self._isr)
+
+    def _disconnect(self, node: str) -> None:
         client = self._clients.pop(node, None)
         if client is not None:
             client.close()
-        self.save_bitmaps()
-        log.warning("%s replica=%s removed from ISR; isr=%s", self._ctx(), node, self._isr)
+
+    # -- rebuild and convergence ----------------------------------------------------------
+
+    def out_of_sync(self) -> list[str]:
+        """Replicas known to lag that are not being resynced now."""
+        return [n for n in self._bitmaps if n not in self._isr and n not in self._resyncs]
+
+    def is_member(self, node: str) -> bool:
+        """In the ISR or being brought into it."""
+        return node in self._isr or node in self._resyncs
+
+    def start_resync(self, node: str, client: ReplicaClient | None, join: bool) -> None:
+        """Put ``node`` in the write set and copy what it lacks in the background."""
+        if node in self._resyncs or self.fenced is not None:
+            return
+        if client is not None:
+            old = self._clients.get(node)
+            if old is not None and old is not client:
+                old.close()
+            self._clients[node] = client
+        known = self._bitmaps.get(node) if join else None
+        if known is not None and known.dirty_regions == known.regions:
+            known = None  # "everything": comparing checksums copies less
+        resync = Resync(self, node, self._clients[node], known, join)
+        self._bitmaps[node] = resync.bitmap
+        task = asyncio.get_running_loop().create_task(self._run_resync(resync))
+        self._resyncs[node] = (resync, task)
+
+    def converge(self) -> None:
+        for node in self._isr[1:]:
+            self.start_resync(node, None, join=False)
+
+    async def _run_resync(self, resync: Resync) -> None:
+        node = resync.node
+        try:
+            await resync.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the replica stays out of sync; retried later
+            log.warning("%s replica=%s %s failed: %s", self._ctx(), node, resync.kind, exc)
+            self._resyncs.pop(node, None)
+            if node not in self._isr:
+                self._disconnect(node)
+            elif node in self._clients:  # an ISR member still to converge: try again soon
+                asyncio.get_running_loop().call_later(
+                    RETRY_CONVERGE_S, self.start_resync, node, None, False
+                )
+            await self.report_progress(node, None)
+            return
+        self._resyncs.pop(node, None)
+        self._bitmaps.pop(node, None)
+        self._bitmap_path(node).unlink(missing_ok=True)
+        # Left published: operators see what the last rebuild copied ("rebuilt", "converged").
+        finished = {"rebuild": "rebuilt", "converge": "converged"}[resync.kind]
+        await self.report_progress(node, replace(resync.progress(), kind=finished))
+
+    def _abort_resync(self, node: str) -> None:
+        entry = self._resyncs.pop(node, None)
+        if entry is not None:
+            entry[1].cancel()
+
+    async def join(self, node: str) -> None:
+        new_isr = await self._authority.add_to_isr(node)
+        isr = [n for n in self._isr if n in new_isr] + [node]
+        self._isr = sorted(isr, key=lambda n: n != self._local)
+        log.info("%s replica=%s joined the ISR; isr=%s", self._ctx(), node, self._isr)
+
+    async def report_progress(self, node: str, progress: ResyncProgress | None) -> None:
+        await self._authority.report_progress(node, progress)
+
+    def resync_progress(self) -> dict[str, ResyncProgress]:
+        return {n: r.progress() for n, (r, _) in self._resyncs.items()}
 
     # -- bitmaps and shutdown -------------------------------------------------------------
 
@@ -298,7 +362,7 @@ class ReplicatedBackend:
                 return bitmap
         except (OSError, ValueError):
             pass
-        # No usable record of what it missed: everything must be copied.
+        # No usable record of what it missed: everything may differ.
         bitmap = DirtyBitmap(self._size)
         bitmap.mark_all()
         return bitmap
@@ -309,9 +373,19 @@ class ReplicatedBackend:
     def save_bitmaps(self) -> None:
         self._state_dir.mkdir(parents=True, exist_ok=True)
         for node, bitmap in self._bitmaps.items():
-            bitmap.save(self._bitmap_path(node))
+            if node not in self._isr:
+                bitmap.save(self._bitmap_path(node))
+
+    async def settle(self) -> None:
+        """Declare every ISR replica clean (call quiesced, after a flush): the next owner
+        can then skip convergence."""
+        futures = [self._clients[n].settle(self.volume_id, self.epoch, 0) for n in self._isr]
+        await asyncio.gather(*futures, return_exceptions=True)
 
     def close(self) -> None:
+        for _, task in self._resyncs.values():
+            task.cancel()
+        self._resyncs.clear()
         self.save_bitmaps()
         for client in self._clients.values():
             client.close()

@@ -53,6 +53,7 @@ class _Etcd:
 def up(
     directory: Path, nodes: int, pool_size_bytes: int, *, lease_ttl_s: float = 5.0,
     use_netns: bool | None = None, timeout_s: float = 60.0,
+    replace_dead_after_s: float = 300.0,
 ) -> ClusterSpec:
     """Start a fresh cluster in directory and return once every process is ready.
 
@@ -73,7 +74,8 @@ def up(
         ledger = Ledger(directory=directory)
         ledger.save()
         try:
-            return _bring_up(ledger, nodes, pool_size_bytes, lease_ttl_s, with_netns, deadline)
+            return _bring_up(ledger, nodes, pool_size_bytes, lease_ttl_s, with_netns, deadline,
+                             replace_dead_after_s)
         except BaseException as e:
             for err in _teardown(directory):
                 e.add_note(f"cleanup after failed up(): {err}")
@@ -101,7 +103,7 @@ def _fresh_layout(directory: Path, nodes: int) -> None:
 
 def _bring_up(
     ledger: Ledger, nodes: int, pool_size_bytes: int, lease_ttl_s: float,
-    with_netns: bool, deadline: float,
+    with_netns: bool, deadline: float, replace_dead_after_s: float = 300.0,
 ) -> ClusterSpec:
     names = _create_network(ledger, nodes) if with_netns else None
     etcd = _start_etcd(ledger, names, deadline)
@@ -110,6 +112,7 @@ def _bring_up(
     ctl_argv = [
         sys.executable, "-m", "csi_driver.cli", "controller", "--csi-endpoint", ctl_endpoint,
         "--etcd-endpoints", ",".join(etcd.endpoints),
+        "--replace-dead-after", str(replace_dead_after_s),
     ]
     ctl = procs.spawn("controller", ctl_argv, directory / "logs" / "controller.log")
     ledger.record_proc(ctl)

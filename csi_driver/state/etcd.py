@@ -45,6 +45,7 @@ from csi_driver.state.etcd_ops import (
 )
 from csi_driver.state.lease import LeaseKeeper
 from csi_driver.state.model import NodeRecord, OwnerClaim, Versioned, VolumeRecord
+from csi_driver.state.progress import ProgressMixin
 from csi_driver.state.store import WATCH_KINDS, Store, WatchEvent, WatchEventType
 
 __all__ = ["EtcdStatus", "EtcdStore", "LeaseKeeper", "endpoint_target", "prefix_end"]
@@ -83,7 +84,7 @@ def _conflict(
     return ConflictError(f"volume {volume_id} changed (expected mod_revision {expected})", current)
 
 
-class EtcdStore(Store):
+class EtcdStore(ProgressMixin, Store):
     """Store over etcd v3. Keys: ``{prefix}{nodes,volumes,names,owners}/<id>``."""
 
     def __init__(

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from csi_driver.state.model import NodeRecord, OwnerClaim, Versioned, VolumeRecord
+from replication.authority import ResyncProgress
 
 WATCH_KINDS = ("nodes", "volumes")
 
@@ -128,6 +129,16 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def release_owner(self, volume_id: str, claim: OwnerClaim) -> None:
         """Delete the claim if it is still exactly ``claim`` (idempotent)."""
+
+    async def put_progress(
+        self, volume_id: str, node_id: str, progress: ResyncProgress | None
+    ) -> None:
+        """Publish (None: clear) one replica's rebuild progress; last writer wins."""
+        raise NotImplementedError
+
+    async def get_progress(self, volume_id: str) -> dict[str, ResyncProgress]:
+        """Published rebuild progress of ``volume_id``, by replica node."""
+        raise NotImplementedError
 
     # -- leases --------------------------------------------------------------------------
 

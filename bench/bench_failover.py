@@ -1,0 +1,21 @@
+"""Failover benchmark: kill the owner mid-write, take over on another replica, check the data.
+
+A thin entry point; the logic is ``csi_driver.failover_bench`` (also ``tandem bench
+failover``). Must not leave a cluster running that it started (always torn down).
+
+    sudo .venv/bin/python bench/bench_failover.py --dir /tmp/tandem-bench-failover \
+        --trials 10 [--mode sigkill|link-down] [--lease-ttl 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# As in the CLI: gRPC's fork handlers can crash the children devcluster forks (ip, mount).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+from csi_driver.failover_bench import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""Benchmark: tandem's data path against a local file and qemu-nbd, with fio, in one run.
+
+Owns one measurement: the same three fio jobs (4k randwrite QD32, 4k randread QD32, 1M
+sequential write QD8; one fio run each, after one unmeasured sequential prefill per target
+so reads hit data, not holes) against six targets, in one invocation of this script so they
+share a machine state:
+
+  local       a file in DIR, io_uring (or --local-engine), O_DIRECT
+  qemu-nbd    ``qemu-nbd -f raw`` on a file (default writeback cache), fio's nbd engine
+  tandem-r1   a 1-replica tandem volume, ``export_volume`` (target in the root namespace,
+              the replica on its node across the bridge), fio's nbd engine
+  tandem-r3   a 3-replica volume on 3 namespaced nodes, exported the same way
+  tandem-r3-dev   the 3-replica volume staged in block mode on node-1 (target in node-1's
+              namespace, nbdfuse + direct-I/O loop), fio libaio O_DIRECT on the published
+              device: end to end
+  fuse-loop-qemu  the same nbdfuse + loop attach over qemu-nbd: the baseline for the above
+
+Prints IOPS, MB/s and p99 completion latency per target and job, with ratios to qemu-nbd
+(rows through the nbd engine) or to fuse-loop-qemu (rows through a device); writes JSON.
+Absolute numbers swing up to 40 % between runs here: compare the ratios.
+
+Must not: be imported by product code, or leave a cluster, server, mount or loop device.
+
+    .venv/bin/python bench/bench_io.py --dir /tmp/tandem-bench-io [--runtime 15] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import os
+
+# As in the CLI: gRPC's fork handlers can crash the children forked here (fio, losetup,
+# nbdfuse) while its threads are busy. Must be set before grpc is imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import argparse
+import asyncio
+import contextlib
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from csi_driver import devcluster
+from csi_driver._gen import csi_pb2
+from csi_driver.attach import FuseLoopAttacher
+from csi_driver.client import CsiClient, block_capability
+from csi_driver.config import TOPOLOGY_KEY
+from csi_driver.export import export_volume
+
+MiB = 1 << 20
+JOBS = (  # name, rw, bs, iodepth
+    ("randwrite-4k", "randwrite", "4k", 32),
+    ("randread-4k", "randread", "4k", 32),
+    ("seqwrite-1M", "write", "1M", 8),
+)
+BASELINE = {"local": "qemu-nbd", "qemu-nbd": "qemu-nbd", "tandem-r1": "qemu-nbd",
+            "tandem-r3": "qemu-nbd", "tandem-r3-dev": "fuse-loop-qemu",
+            "fuse-loop-qemu": "fuse-loop-qemu"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """How fio reaches one target (engine-specific options) and whose CPU to sample."""
+
+    name: str
+    options: dict[str, str]
+    server_pids: tuple[int, ...] = ()  # the NBD server (qemu-nbd, tandem's target)
+    replica_pids: tuple[int, ...] = ()  # tandem's node processes (replica servers)
+
+
+def job_file(target: Target, size: int, name: str, rw: str, bs: str, depth: int,
+             runtime: int | None) -> str:
+    lines = [f"[{name}]", *(f"{k}={v}" for k, v in target.options.items()), f"size={size}",
+             f"rw={rw}", f"bs={bs}", f"iodepth={depth}", "percentile_list=50:99:99.9",
+             "randrepeat=0"]
+    if runtime is not None:
+        lines += ["time_based=1", f"runtime={runtime}"]
+    return "\n".join(lines) + "\n"
+
+
+def cpu_seconds(pids: tuple[int, ...]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def fio(jobs: Path, timeout: float) -> dict[str, Any]:
+    proc = subprocess.run(
+        ["fio", "--output-format=json", str(jobs)], capture_output=True, text=True,
+        timeout=timeout, cwd=jobs.parent, check=False, env={**os.environ, "LC_ALL": "C"},
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"fio {jobs.name} failed:\n{proc.stdout[-2000:]}{proc.stderr}")
+    out = proc.stdout
+    job: dict[str, Any] = json.loads(out[out.index("{"):])["jobs"][0]  # nbd engine chats first
+    return job
+
+
+def run_fio(target: Target, work: Path, size: int, runtime: int) -> dict[str, dict[str, float]]:
+    """Prefill (unmeasured, so reads hit data), then each job; {job: figures}."""
+    prefill = work / f"{target.name}-prefill.fio"
+    prefill.write_text(job_file(target, size, "prefill", "write", "1M", 8, None))
+    fio(prefill, 600)
+    results: dict[str, dict[str, float]] = {}
+    for name, rw, bs, depth in JOBS:
+        jobs = work / f"{target.name}-{name}.fio"
+        jobs.write_text(job_file(target, size, name, rw, bs, depth, runtime))
+        cpu0 = (cpu_seconds(target.server_pids), cpu_seconds(target.replica_pids))
+        started = time.monotonic()
+        job = fio(jobs, runtime * 4 + 120)
+        elapsed = time.monotonic() - started
+        side = job["read"] if rw.endswith("read") else job["write"]
+        p99 = side["clat_ns"].get("percentile", {}).get("99.000000", 0)
+        results[name] = {
+            "iops": side["iops"], "mb_s": side["bw_bytes"] / 1e6, "p99_us": p99 / 1000,
+            "server_cpu": (cpu_seconds(target.server_pids) - cpu0[0]) / elapsed,
+            "replica_cpu": (cpu_seconds(target.replica_pids) - cpu0[1]) / elapsed,
+        }
+    return results
+
+
+def nbd_target(name: str, sock: Path, pid: int, replica_pids: tuple[int, ...] = ()) -> Target:
+    return Target(name, {"ioengine": "nbd", "uri": f"nbd+unix:///?socket={sock}"}, (pid,),
+                  replica_pids)
+
+
+def device_target(name: str, device: str, server_pids: tuple[int, ...] = (),
+                  replica_pids: tuple[int, ...] = ()) -> Target:
+    return Target(name, {"ioengine": "libaio", "direct": "1", "filename": device},
+                  server_pids, replica_pids)
+
+
+@contextlib.contextmanager
+def qemu_nbd(image: Path, sock: Path) -> Iterator[int]:
+    """qemu-nbd on image (default cache = writeback); --persistent: fio reconnects per job."""
+    argv = ["qemu-nbd", "-f", "raw", "--persistent", "--shared=8", "--socket", str(sock),
+            str(image)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 15
+        while True:  # bounded by the deadline
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                raise RuntimeError(f"qemu-nbd exited: {err}")
+            with socket.socket(socket.AF_UNIX) as probe, contextlib.suppress(OSError):
+                probe.connect(str(sock))
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("qemu-nbd never listened")
+            time.sleep(0.05)
+        yield proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+@contextlib.contextmanager
+def fuse_loop(sock: Path, work: Path) -> Iterator[str]:
+    """The node's attach path (nbdfuse + direct-I/O loop) over any NBD socket."""
+    attacher = FuseLoopAttacher()
+    attachment = asyncio.run(attacher.attach(str(sock), "bench-fuse-loop", work))
+    try:
+        yield attachment.device
+    finally:
+        asyncio.run(attacher.detach(attachment))
+
+
+@contextlib.contextmanager
+def exported(cluster: Path, volume_id: str, node: str, sock: Path) -> Iterator[int]:
+    handle = asyncio.run(export_volume(cluster, volume_id, node, sock))
+    try:
+        yield handle.pid
+    finally:
+        asyncio.run(handle.stop())
+
+
+@contextlib.contextmanager
+def staged_block(spec: devcluster.ClusterSpec, volume_id: str, node: str,
+                 work: Path) -> Iterator[str]:
+    """Stage + publish in block mode through the node's CSI service; yields the device."""
+    cap = block_capability()
+    staging, target = work / "staging", work / "pod" / "dev"
+    staging.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with CsiClient(spec.node(node).csi_endpoint) as csi:
+        csi.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+            volume_id=volume_id, staging_target_path=str(staging), volume_capability=cap,
+        ), timeout=120)
+        try:
+            csi.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+                volume_id=volume_id, staging_target_path=str(staging), target_path=str(target),
+                volume_capability=cap,
+            ), timeout=60)
+            try:
+                yield str(target)
+            finally:
+                csi.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+                    volume_id=volume_id, target_path=str(target)), timeout=60)
+        finally:
+            csi.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+                volume_id=volume_id, staging_target_path=str(staging)), timeout=120)
+
+
+def create_volume(spec: devcluster.ClusterSpec, name: str, size: int,
+                  replicas: int) -> tuple[str, list[str]]:
+    with CsiClient(spec.controller.csi_endpoint) as ctl:
+        volume = ctl.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
+            name=name, capacity_range=csi_pb2.CapacityRange(required_bytes=size),
+            volume_capabilities=[block_capability()], parameters={"replicas": str(replicas)},
+        ), timeout=60).volume
+    return volume.volume_id, [t.segments[TOPOLOGY_KEY] for t in volume.accessible_topology]
+
+
+Results = dict[str, dict[str, dict[str, float]]]
+
+
+def measure_baselines(args: argparse.Namespace, work: Path, results: Results) -> None:
+    size = args.size * MiB
+    local, image = work / "local.img", work / "qemu.img"
+    for path in (local, image):
+        with open(path, "wb") as f:
+            f.truncate(size)
+    say("local file")
+    results["local"] = run_fio(Target("local", {"ioengine": args.local_engine, "direct": "1",
+                                                "filename": str(local)}), work, size, args.runtime)
+    sock = work / "qemu.sock"
+    with qemu_nbd(image, sock) as pid:
+        say("qemu-nbd (fio nbd engine)")
+        results["qemu-nbd"] = run_fio(nbd_target("qemu-nbd", sock, pid), work, size, args.runtime)
+        say("nbdfuse + loop over qemu-nbd (fio libaio on the device)")
+        with fuse_loop(sock, work / "attach") as device:
+            results["fuse-loop-qemu"] = run_fio(device_target("fuse-loop-qemu", device, (pid,)),
+                                                work, size, args.runtime)
+    local.unlink()
+    image.unlink()
+
+
+def measure_tandem(args: argparse.Namespace, work: Path, results: Results) -> None:
+    size, cluster = args.size * MiB, work / "cluster"
+    devcluster.down(cluster)  # a cluster an interrupted run left behind
+    try:
+        spec = devcluster.up(cluster, 3, 3 * size + 256 * MiB, lease_ttl_s=5.0)
+        r1, [r1_node] = create_volume(spec, "bench-r1", size, 1)
+        r3, _ = create_volume(spec, "bench-r3", size, 3)
+        nodes = tuple(n.pid for n in spec.nodes)
+        for name, volume_id, node in (("tandem-r1", r1, r1_node), ("tandem-r3", r3, "node-1")):
+            say(f"{name} (export as {node}, fio nbd engine)")
+            sock = cluster / f"{name}.sock"
+            with exported(cluster, volume_id, node, sock) as pid:
+                results[name] = run_fio(nbd_target(name, sock, pid, nodes), work, size,
+                                        args.runtime)
+        say("tandem-r3-dev (staged block on node-1, fio libaio on the published device)")
+        with staged_block(spec, r3, "node-1", cluster / "work") as device:
+            target = device_target("tandem-r3-dev", device, target_pids(spec, r3), nodes)
+            results["tandem-r3-dev"] = run_fio(target, work, size, args.runtime)
+    finally:
+        devcluster.down(cluster)
+
+
+def target_pids(spec: devcluster.ClusterSpec, volume_id: str) -> tuple[int, ...]:
+    """The pid of the target process a node started for volume_id (for its CPU use)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"csi_driver.target_main" in argv and volume_id.encode() in argv:
+                found.append(int(entry.name))
+    return tuple(found)
+
+
+def say(text: str) -> None:
+    print(f"-- {text}", file=sys.stderr, flush=True)
+
+
+def ratios(results: Results) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for target, jobs in results.items():
+        base = results.get(BASELINE[target], {})
+        out[target] = {job: jobs[job]["iops"] / base[job]["iops"]
+                       for job, _rw, _bs, _d in JOBS if job in jobs and base.get(job)}
+    return out
+
+
+def render(results: Results, args: argparse.Namespace) -> str:
+    rel = ratios(results)
+    lines = [f"fio, {args.runtime} s per job, {args.size} MiB per target. ratio = IOPS / the "
+             "baseline's (qemu-nbd for NBD rows, fuse-loop-qemu for device rows); CPU in "
+             "cores: srv = NBD server (qemu-nbd or tandem's target), rep = the 3 node "
+             "processes (replica servers)",
+             f"{'target':<15} {'job':<13} {'IOPS':>9} {'MB/s':>8} {'p99 us':>9} "
+             f"{'ratio':>6} {'srv CPU':>7} {'rep CPU':>7}"]
+    for target, jobs in results.items():
+        for job, _rw, _bs, _depth in JOBS:
+            r = jobs[job]
+            srv = f"{r['server_cpu']:.2f}" if r["server_cpu"] else "-"
+            rep = f"{r['replica_cpu']:.2f}" if r["replica_cpu"] else "-"
+            ratio = rel[target].get(job)
+            ratio_text = f"{ratio:.2f}" if ratio is not None else "-"
+            lines.append(f"{target:<15} {job:<13} {r['iops']:>9,.0f} {r['mb_s']:>8,.0f} "
+                         f"{r['p99_us']:>9,.0f} {ratio_text:>6} {srv:>7} {rep:>7}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--dir", required=True, help="work dir (files, the dev cluster)")
+    parser.add_argument("--runtime", type=int, default=15, help="seconds per fio job")
+    parser.add_argument("--size", type=int, default=512, help="MiB per target")
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--local-engine", default="io_uring", choices=["io_uring", "libaio"])
+    parser.add_argument("--only", default="", help="comma-separated: baselines,tandem")
+    args = parser.parse_args()
+    for tool in ("fio", "qemu-nbd", "nbdfuse", "losetup"):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} is not installed")
+    if os.geteuid() != 0:
+        parser.error("needs root (network namespaces, loop devices, FUSE)")
+    work = Path(args.dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    results: Results = {}
+    parts: dict[str, Callable[[argparse.Namespace, Path, Results], None]] = {
+        "baselines": measure_baselines, "tandem": measure_tandem}
+    for name, part in parts.items():
+        if not args.only or name in args.only.split(","):
+            part(args, work, results)
+    order = [t for t in BASELINE if t in results]
+    results = {t: results[t] for t in order}
+    print(render(results, args))
+    if args.json:
+        payload: dict[str, Any] = {"runtime_s": args.runtime, "size_mib": args.size,
+                                   "results": results, "ratios": ratios(results),
+                                   "baseline": BASELINE}
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

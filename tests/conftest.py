@@ -1,0 +1,23 @@
+"""Suite-wide options: ``--run-slow`` runs the tests marked ``slow`` (skipped by default).
+
+It lives here, not in tests/fault/conftest.py, because pytest reads ``pytest_addoption`` only
+from conftest files it loads at startup (the root of the test paths).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run the long tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="long run: pass --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
