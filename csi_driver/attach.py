@@ -1,6 +1,6 @@
 """Attachers turn a volume's data into a local block device.
 
-Owns ``LoopAttacher`` (loop over a file) and the NBD attachers for the target's export:
+Owns the NBD attachers for the target's export (loop devices are in ``loop.py``):
 ``FuseLoopAttacher`` (no nbd module, as here: nbdfuse + ``losetup --direct-io=on``) and
 ``KernelNbdAttacher`` (nbd-client), each keeping its ``Attachment`` in
 ``work_dir/<volume_id>/attach.json`` so a restarted node process finds and detaches it.
@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from csi_driver import errors
+from csi_driver.loop import LoopAttacher
 from csi_driver.mount import flush_buffers, mounts_at
 from csi_driver.validation import check_volume_id
 from replication.command import CommandError, CommandNotFound, run_async
@@ -42,38 +43,6 @@ FUSE_FILE = Path("fuse", "nbd")  # nbdfuse's mount dir and the one file it shows
 
 class AttachError(errors.InternalError):
     """The export could not be attached: the helper died, was not ready in time, no device."""
-
-
-def find_loop_device(losetup_json: str, backing_file: str) -> str | None:
-    """The loop device over ``backing_file`` in ``losetup -l -J`` output, if any."""
-    if not losetup_json.strip():
-        return None
-    for device in json.loads(losetup_json).get("loopdevices", []):
-        if device.get("back-file") == backing_file:
-            return str(device["name"])
-    return None
-
-
-class LoopAttacher:
-    async def find(self, backing_file: str) -> str | None:
-        # `losetup -j` ignores --json, so list everything as JSON and match the file.
-        result = await run_async(["losetup", "-l", "-J", "-O", "NAME,BACK-FILE"], timeout=30)
-        return find_loop_device(result.stdout, backing_file)
-
-    async def attach(self, backing_file: str) -> str:
-        existing = await self.find(backing_file)
-        if existing:
-            return existing
-        argv = ["losetup", "--find", "--show", "--direct-io=on", backing_file]
-        return (await run_async(argv, timeout=30)).stdout.strip()
-
-    async def refresh_size(self, device: str) -> None:
-        await run_async(["losetup", "--set-capacity", device], timeout=30)
-
-    async def detach(self, backing_file: str) -> None:
-        device = await self.find(backing_file)
-        if device:
-            await run_async(["losetup", "-d", device], timeout=30)
 
 
 @dataclass(frozen=True)

@@ -228,11 +228,9 @@ def add_commands(sub: Any) -> None:
     verify.add_argument("volume", help="volume id or name")
     verify.add_argument("--cluster", required=True)
     verify.set_defaults(func=_volume_verify)
-    export = vsub.add_parser(
-        "export", help="serve a volume's NBD export on a unix socket, unattached (dev/test)",
-    )
+    export = vsub.add_parser("export", help="serve a volume's NBD export on the unix socket "
+                             "--socket as owner --as-node of dev cluster --cluster (unattached)")
     export.add_argument("volume", help="volume id or name")
-    export.add_argument("--cluster", required=True, help="dev cluster directory")
-    export.add_argument("--as-node", required=True, help="the node that takes ownership")
-    export.add_argument("--socket", required=True, help="unix socket path to serve NBD on")
+    for flag in ("--cluster", "--as-node", "--socket"):
+        export.add_argument(flag, required=True)
     export.set_defaults(func=_volume_export)

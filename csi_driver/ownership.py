@@ -10,7 +10,9 @@ the epoch, even by the same node, so a zombie target from an earlier stage is fe
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 from csi_driver import errors
 from csi_driver.state import errors as store_errors
@@ -20,12 +22,16 @@ from csi_driver.state.store import Store
 log = logging.getLogger(__name__)
 
 _CAS_RETRIES = 8
+CLAIM_POLL_S = 0.1
 
 
 class Ownership:
-    def __init__(self, store: Store, node_id: str) -> None:
+    def __init__(self, store: Store, node_id: str, claim_wait_s: float = 0.0) -> None:
         self._store = store
         self._node_id = node_id
+        # How long a stage waits for another owner's claim to lapse before answering "held":
+        # one lease TTL covers an owner that just died, so the takeover needs no CO retry.
+        self._claim_wait_s = claim_wait_s
 
     async def acquire(self, volume_id: str) -> VolumeRecord:
         """Become the owner of ``volume_id``; return the record with our epoch."""
@@ -34,13 +40,12 @@ class Ownership:
             if found is None or found.value.phase is not VolumePhase.READY:
                 raise errors.NotFoundError(f"volume {volume_id} does not exist")
             record = found.value
-            if record.owner not in (None, self._node_id):
-                claim = await self._store.get_owner(volume_id)
-                if claim is not None and claim.node_id == record.owner:
-                    raise errors.FailedPreconditionError(
-                        f"volume {volume_id} is staged on node {record.owner}, which still "
-                        "serves it; unstage it there first (retry later)"
-                    )
+            owner = record.owner
+            if owner not in (None, self._node_id) and await self._claim_held(volume_id, owner):
+                raise errors.FailedPreconditionError(
+                    f"volume {volume_id} is staged on node {owner}, which still serves it; "
+                    "unstage it there first (retry later)"
+                )
             new = record.with_(owner=self._node_id, epoch=record.epoch + 1)
             try:
                 await self._store.update_volume(new, found.mod_revision)
@@ -52,6 +57,17 @@ class Ownership:
             )
             return new
         raise errors.OperationPendingError(f"volume {volume_id} ownership keeps changing")
+
+    async def _claim_held(self, volume_id: str, owner: str | None) -> bool:
+        """True while ``owner``'s claim lives, waiting up to ``claim_wait_s`` for it to lapse."""
+        deadline = time.monotonic() + self._claim_wait_s
+        while True:
+            claim = await self._store.get_owner(volume_id)
+            if claim is None or claim.node_id != owner:
+                return False
+            if time.monotonic() >= deadline:
+                return True
+            await asyncio.sleep(CLAIM_POLL_S)
 
     async def exists(self, volume_id: str) -> bool:
         found = await self._store.get_volume(volume_id)

@@ -134,8 +134,10 @@ def _open_pool(config: NodeConfig) -> Pool:
 async def run_node(config: NodeConfig) -> None:
     pool = _open_pool(config)
     store = EtcdStore(list(config.etcd.endpoints), prefix=config.etcd.prefix)
+    targets = TargetProcesses(config)
+    await targets.prepare()
     staging = StagingService(
-        config.node_id, Ownership(store, config.node_id), TargetProcesses(config),
+        config.node_id, Ownership(store, config.node_id, config.lease_ttl_s), targets,
         choose_attacher(), config.state_dir,
     )
     membership = Membership(config, store, pool, staging.staged_count)
@@ -169,6 +171,7 @@ async def run_node(config: NodeConfig) -> None:
     finally:
         renewer.cancel()
         sweeper.cancel()
+        await targets.close_standby()  # staged volumes' targets keep running
         await csi_server.stop(grace=2)
         await agent_server.stop(grace=2)
         await replicas.close()

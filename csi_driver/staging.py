@@ -20,6 +20,7 @@ from pathlib import Path
 
 from csi_driver import errors, mount
 from csi_driver.attach import Attachment, NbdAttacher
+from csi_driver.loop import LoopAttacher
 from csi_driver.ownership import Ownership
 from csi_driver.targets import TargetProcesses
 
@@ -36,6 +37,9 @@ class StagedVolume:
     epoch: int
     attachment: dict[str, object] = field(default_factory=dict)
     published: tuple[str, ...] = field(default=())
+    # Read-only block publishes get a read-only loop device of their own: a read-only bind
+    # mount of a device node does not stop writes to the device.
+    read_only_devices: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class StagedStates:
             return None
         data = json.loads(path.read_text())
         data["published"] = tuple(data.get("published", ()))
+        data.setdefault("read_only_devices", {})
         return StagedVolume(**data)
 
     def save(self, staged: StagedVolume) -> None:
@@ -90,6 +95,7 @@ class StagingService:
         self._attacher = attacher
         self._states = StagedStates(state_dir)
         self._work_dir = state_dir / "attach"
+        self._ro_loops = LoopAttacher()
 
     def staged(self, volume_id: str) -> StagedVolume | None:
         return self._states.load(volume_id)
@@ -185,6 +191,8 @@ class StagingService:
         """Unmount, detach (flushes), stop the target (flushes replicas), forget."""
         for target in staged.published:
             await mount.unmount(target)
+        for device in staged.read_only_devices.values():
+            await self._ro_loops.detach_device(device)
         await mount.unmount(staged.staging_path)
         if staged.attachment:
             await self._attacher.detach(attachment_from_dict(staged.attachment))
@@ -220,6 +228,9 @@ class StagingService:
         existing = mount.mounts_at(target_path)
         if existing:
             top = existing[-1]
+            ro_device = staged.read_only_devices.get(target_path)
+            if ro_device is not None and readonly and self._is_device(top, ro_device):
+                return
             if self._same_source(top, staged) and ("ro" in top.options) == readonly:
                 return
             raise errors.AlreadyExistsError(
@@ -231,17 +242,28 @@ class StagingService:
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.touch(exist_ok=True)
-        await mount.bind_mount(source, target_path, readonly, mount_flags)
-        self._states.save(replace(staged, published=(*staged.published, target_path)))
+        ro_devices = dict(staged.read_only_devices)
+        if access_type == "block" and readonly:
+            source = ro_devices[target_path] = await self._ro_loops.attach_read_only(source)
+        try:
+            await mount.bind_mount(source, target_path, readonly, mount_flags)
+        except BaseException:
+            if target_path in ro_devices:
+                await self._ro_loops.detach_device(ro_devices[target_path])
+            raise
+        self._states.save(replace(staged, published=(*staged.published, target_path),
+                                  read_only_devices=ro_devices))
 
     @staticmethod
-    def _same_source(entry: mount.MountEntry, staged: StagedVolume) -> bool:
+    def _is_device(entry: mount.MountEntry, device: str) -> bool:
         try:
-            return entry.major_minor == mount.device_numbers(staged.device) or (
-                entry.source == staged.device
-            )
+            return entry.major_minor == mount.device_numbers(device) or entry.source == device
         except OSError:
             return False
+
+    @classmethod
+    def _same_source(cls, entry: mount.MountEntry, staged: StagedVolume) -> bool:
+        return cls._is_device(entry, staged.device)
 
     async def unpublish(self, volume_id: str, target_path: str) -> None:
         await mount.unmount(target_path)
@@ -253,8 +275,11 @@ class StagingService:
             target.unlink()
         staged = self._states.load(volume_id)
         if staged is not None and target_path in staged.published:
+            ro_devices = dict(staged.read_only_devices)
+            if target_path in ro_devices:
+                await self._ro_loops.detach_device(ro_devices.pop(target_path))
             published = tuple(p for p in staged.published if p != target_path)
-            self._states.save(replace(staged, published=published))
+            self._states.save(replace(staged, published=published, read_only_devices=ro_devices))
 
     async def stats(self, volume_id: str, volume_path: str) -> VolumeStats:
         staged = self._states.load(volume_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import signal
 import sys
@@ -33,6 +34,7 @@ class TargetProcesses:
         self._dir = config.state_dir / "targets"
         self._dir.mkdir(parents=True, exist_ok=True)
         self._procs: dict[str, asyncio.subprocess.Process] = {}
+        self._spare: asyncio.subprocess.Process | None = None
 
     def socket_path(self, volume_id: str) -> Path:
         path = self._dir / f"{volume_id}.nbd.sock"
@@ -51,22 +53,43 @@ class TargetProcesses:
     def _argv(self, volume_id: str) -> list[str]:
         c = self._config
         return [
-            sys.executable, "-m", "csi_driver.target_main",
             "--volume-id", volume_id, "--node-id", c.node_id,
             "--socket", str(self.socket_path(volume_id)),
             "--etcd-endpoints", ",".join(c.etcd.endpoints), "--etcd-prefix", c.etcd.prefix,
             "--state-dir", str(self._dir), "--lease-ttl", str(c.lease_ttl_s),
+            "--log-file", str(self._dir / f"{volume_id}.log"),
         ]
+
+    async def _spawn(self, args: list[str]) -> asyncio.subprocess.Process:
+        with open(self._dir / "standby.log", "ab") as log_file:
+            return await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "csi_driver.target_main", *args,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log_file,
+            )
+
+    async def prepare(self) -> None:
+        """Keep one warm standby target (imports done) for the next stage."""
+        if self._spare is None or self._spare.returncode is not None:
+            self._spare = await self._spawn(["--standby"])
+
+    async def _launch(self, volume_id: str) -> asyncio.subprocess.Process:
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.returncode is None and spare.stdin is not None:
+            try:
+                spare.stdin.write(json.dumps(self._argv(volume_id)).encode() + b"\n")
+                await spare.stdin.drain()
+                spare.stdin.close()
+                return spare
+            except (BrokenPipeError, ConnectionResetError):
+                await self._kill(spare)
+        return await self._spawn(self._argv(volume_id))
 
     async def start(self, volume_id: str) -> Path:
         if self.running(volume_id):
             return self.socket_path(volume_id)
         log_path = self._dir / f"{volume_id}.log"
-        with open(log_path, "ab") as log_file:
-            proc = await asyncio.create_subprocess_exec(
-                *self._argv(volume_id), stdout=asyncio.subprocess.PIPE, stderr=log_file,
-                stdin=asyncio.subprocess.DEVNULL,
-            )
+        proc = await self._launch(volume_id)
+        asyncio.get_running_loop().create_task(self.prepare())
         try:
             assert proc.stdout is not None
             line = await asyncio.wait_for(proc.stdout.readline(), READY_TIMEOUT_S)
@@ -109,8 +132,10 @@ class TargetProcesses:
                     proc.kill()
                 await proc.wait()
 
-    async def stop_all(self) -> None:
-        await asyncio.gather(*(self.stop(v) for v in list(self._procs)))
+    async def close_standby(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            await self._kill(spare)
 
 
 def _last_line(path: Path) -> str:

@@ -105,11 +105,6 @@ def test_block_volume_data_survives_unstage_and_restage(cluster: Cluster, workdi
             assert hashlib.sha256(back).hexdigest() == hashlib.sha256(data).hexdigest()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a block volume published read-only (readonly=true or SINGLE_NODE_READER_ONLY) is a "
-    "ro bind mount of the device node, which does not stop writes to a device: "
-    "open(O_WRONLY)+pwrite+fsync through the target succeed and the data lands"
-))
 @pytest.mark.parametrize("how", ["readonly-flag", "reader-only-mode"])
 def test_block_publish_read_only_refuses_writes(
     cluster: Cluster, workdir: Path, how: str

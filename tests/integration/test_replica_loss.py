@@ -120,13 +120,16 @@ class NbdClient:
         return await self._send(0, CMD_FLUSH, 0)
 
     async def close(self) -> None:
-        with contextlib.suppress(ConnectionError):
+        with contextlib.suppress(ConnectionError, TimeoutError):
             self._writer.write(REQUEST.pack(REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
-            await self._writer.drain()
+            await asyncio.wait_for(self._writer.drain(), 10)
         self._writer.close()
         self._replies.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConnectionError):
             await self._replies
+        for future in self._pending.values():  # nobody will answer these now
+            if not future.done():
+                future.set_exception(ConnectionError("NBD client closed"))
 
 
 # -- the sequence-numbered writer ---------------------------------------------------------
@@ -246,27 +249,37 @@ async def write_through_loss(
     ledger = Ledger()
     try:
         client = await NbdClient.connect(handle.socket_path)
-        writers = asyncio.gather(*(write_worker(client, ledger) for _ in range(QUEUE_DEPTH)))
         try:
-            await until(lambda: len(ledger.acked) >= WRITES_BEFORE_KILL, "writes before the kill")
-            killed = time.monotonic()
-            await asyncio.to_thread(devcluster.kill_node, directory, "node-3", mode)
-            at_kill = len(ledger.acked)
-            deadline = time.monotonic() + PHASE_TIMEOUT_S
-            while "node-3" in (isr := await isr_of(spec, volume_id)):
-                assert time.monotonic() < deadline, "node-3 never left the ISR"
-                await asyncio.sleep(0.1)
-            shrink_s, at_shrink = time.monotonic() - killed, len(ledger.acked)
-            await until(lambda: len(ledger.acked) >= at_shrink + WRITES_AFTER_SHRINK,
-                        "writes after the ISR shrank")
+            writers = asyncio.gather(*(write_worker(client, ledger) for _ in range(QUEUE_DEPTH)))
+            try:
+                outcome = await kill_while_writing(spec, volume_id, mode, ledger)
+            finally:
+                ledger.stop = True
+                await asyncio.wait_for(writers, PHASE_TIMEOUT_S)
+            assert await asyncio.wait_for(client.flush(), PHASE_TIMEOUT_S) == 0
         finally:
-            ledger.stop = True
-            await writers
-        assert await client.flush() == 0
-        await client.close()
+            await client.close()
     finally:
         rc = await handle.stop()
     assert rc == 0, f"target exit status {rc}:\n{handle.log_path.read_text()}"
+    return outcome
+
+
+async def kill_while_writing(
+    spec: devcluster.ClusterSpec, volume_id: str, mode: devcluster.KillMode, ledger: Ledger
+) -> Outcome:
+    """Kill node-3 mid-stream, wait for the ISR to lose it, then for more acknowledgements."""
+    await until(lambda: len(ledger.acked) >= WRITES_BEFORE_KILL, "writes before the kill")
+    killed = time.monotonic()
+    await asyncio.to_thread(devcluster.kill_node, Path(spec.dir), "node-3", mode)
+    at_kill = len(ledger.acked)
+    deadline = time.monotonic() + PHASE_TIMEOUT_S
+    while "node-3" in (isr := await isr_of(spec, volume_id)):
+        assert time.monotonic() < deadline, "node-3 never left the ISR"
+        await asyncio.sleep(0.1)
+    shrink_s, at_shrink = time.monotonic() - killed, len(ledger.acked)
+    await until(lambda: len(ledger.acked) >= at_shrink + WRITES_AFTER_SHRINK,
+                "writes after the ISR shrank")
     return Outcome(ledger, at_kill, at_shrink, shrink_s, isr)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver import devcluster
+from csi_driver import devcluster, errors
 from csi_driver._gen import csi_pb2
 from csi_driver.client import CsiClient, block_capability, mount_capability
 from csi_driver.devcluster.mounts import loop_devices, mounts
@@ -74,11 +74,13 @@ def run(argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess[st
 
 @contextlib.contextmanager
 def running_cluster(directory: Path, lease_ttl_s: float = 3.0) -> Iterator[Cluster]:
-    """A 3-node cluster; on exit everything it made must be gone (processes, mounts, loops)."""
-    namespaces: list[str] = []
+    """A 3-node cluster; on exit its mounts and loop devices must be gone too.
+
+    down() raises if it could not stop a process or delete a namespace. Namespaces are not
+    re-checked by name afterwards: on a shared machine another cluster may reuse the name.
+    """
     try:
         spec = devcluster.up(directory, len(NODES), 2 << 30, lease_ttl_s=lease_ttl_s)
-        namespaces = [n.netns for n in spec.nodes if n.netns]
         with CsiClient(spec.controller.csi_endpoint) as controller:
             yield Cluster(spec, controller)
     finally:
@@ -86,7 +88,6 @@ def running_cluster(directory: Path, lease_ttl_s: float = 3.0) -> Iterator[Clust
         prefix = str(directory.resolve()) + "/"
         left = loop_devices(directory) + [m.target for m in mounts()
                                           if m.target.startswith(prefix)]
-        left += [ns for ns in namespaces if Path("/var/run/netns", ns).exists()]
         assert not left, f"left behind after down(): {left}"
 
 
@@ -246,6 +247,25 @@ def test_fio_random_writes_verify(cluster: Cluster, nbd_volume: str) -> None:
     assert job["error"] == 0
     assert job["write"]["io_bytes"] == 64 * MiB
     assert job["read"]["io_bytes"] == 64 * MiB  # the verify pass read everything back
+    assert_replicas_identical(cluster, nbd_volume)
+
+
+async def _owner(spec: devcluster.ClusterSpec, volume_id: str) -> str | None:
+    store = EtcdStore([spec.etcd_host_endpoint], prefix=spec.etcd_prefix)
+    try:
+        found = await store.get_volume(volume_id)
+    finally:
+        await store.close()
+    assert found is not None
+    return found.value.owner
+
+
+def test_export_holds_ownership_until_stopped(cluster: Cluster, nbd_volume: str) -> None:
+    with exported(cluster, nbd_volume, "node-2"):
+        assert asyncio.run(_owner(cluster.spec, nbd_volume)) == "node-2"
+        with pytest.raises(errors.FailedPreconditionError, match="node-2"):
+            asyncio.run(export_volume(cluster.dir, nbd_volume, "node-3", cluster.dir / "x.sock"))
+    assert asyncio.run(_owner(cluster.spec, nbd_volume)) is None
     assert_replicas_identical(cluster, nbd_volume)
 
 

@@ -24,7 +24,6 @@ from csi_driver.attach import (
     FuseLoopAttacher,
     KernelNbdAttacher,
     choose_attacher,
-    find_loop_device,
     first_free_nbd,
     load_attachment,
     nbd_client_argv,
@@ -33,6 +32,7 @@ from csi_driver.attach import (
     parse_proc_stat,
     save_attachment,
 )
+from csi_driver.loop import find_loop_device
 
 LOSETUP_JSON = """{
    "loopdevices": [
