@@ -66,6 +66,14 @@ class _ByteBudget:
         self._used = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
 
+    def try_acquire(self, n: int) -> bool:
+        """Synchronous fast path: no coroutine when the budget has room (the common case)."""
+        n = min(n, self._limit)
+        if self._waiters or self._used + n > self._limit:
+            return False
+        self._used += n
+        return True
+
     async def acquire(self, n: int) -> None:
         n = min(n, self._limit)
         while self._used + n > self._limit:
@@ -101,6 +109,7 @@ class ReplicatedBackend:
         self._resyncs: dict[str, tuple[Resync, asyncio.Task[None]]] = {}
         self._dropping: dict[str, asyncio.Future[None]] = {}
         self._budget = _ByteBudget(MAX_INFLIGHT_BYTES)
+        self._members: list[str] | None = None
         self._ops: set[asyncio.Future[list[Response | BaseException]]] = set()
         self._open_gate = asyncio.Event()
         self._open_gate.set()
@@ -128,7 +137,13 @@ class ReplicatedBackend:
             raise BackendIOError(errno.EIO, self.fenced)
 
     def _write_set(self) -> list[str]:
-        return self._isr + [n for n in self._resyncs if n not in self._isr]
+        # Cached: it only changes with the ISR or a resync, and is read on every write.
+        if self._members is None:
+            self._members = self._isr + [n for n in self._resyncs if n not in self._isr]
+        return self._members
+
+    def _membership_changed(self) -> None:
+        self._members = None
 
     async def _fan_out(
         self, send: Callable[[ReplicaClient], asyncio.Future[Response]], offset: int,
@@ -161,7 +176,8 @@ class ReplicatedBackend:
 
     async def write(self, offset: int, data: Payload, fua: bool) -> None:
         n = len(data)
-        await self._budget.acquire(n)
+        if not self._budget.try_acquire(n):
+            await self._budget.acquire(n)
         try:
             crc = zlib.crc32(data)
             await self._fan_out(
@@ -267,6 +283,7 @@ class ReplicatedBackend:
             self._dropping.pop(node, None)  # retried by the next failing request
             raise BackendIOError(errno.EIO, f"cannot shrink the ISR: {exc}") from exc
         self._isr = [n for n in self._isr if n != node and n in new_isr]
+        self._membership_changed()
         self._dropping.pop(node, None)
         self._disconnect(node)
         self.save_bitmaps()
@@ -303,6 +320,7 @@ class ReplicatedBackend:
         self._bitmaps[node] = resync.bitmap
         task = asyncio.get_running_loop().create_task(self._run_resync(resync))
         self._resyncs[node] = (resync, task)
+        self._membership_changed()
 
     def converge(self) -> None:
         for node in self._isr[1:]:
@@ -317,6 +335,7 @@ class ReplicatedBackend:
         except Exception as exc:  # the replica stays out of sync; retried later
             log.warning("%s replica=%s %s failed: %s", self._ctx(), node, resync.kind, exc)
             self._resyncs.pop(node, None)
+            self._membership_changed()
             if node not in self._isr:
                 self._disconnect(node)
             elif node in self._clients:  # an ISR member still to converge: try again soon
@@ -326,6 +345,7 @@ class ReplicatedBackend:
             await self.report_progress(node, None)
             return
         self._resyncs.pop(node, None)
+        self._membership_changed()
         self._bitmaps.pop(node, None)
         self._bitmap_path(node).unlink(missing_ok=True)
         # Left published: operators see what the last rebuild copied ("rebuilt", "converged").
@@ -334,6 +354,7 @@ class ReplicatedBackend:
 
     def _abort_resync(self, node: str) -> None:
         entry = self._resyncs.pop(node, None)
+        self._membership_changed()
         if entry is not None:
             entry[1].cancel()
 
@@ -341,6 +362,7 @@ class ReplicatedBackend:
         new_isr = await self._authority.add_to_isr(node)
         isr = [n for n in self._isr if n in new_isr] + [node]
         self._isr = sorted(isr, key=lambda n: n != self._local)
+        self._membership_changed()
         log.info("%s replica=%s joined the ISR; isr=%s", self._ctx(), node, self._isr)
 
     async def report_progress(self, node: str, progress: ResyncProgress | None) -> None:
