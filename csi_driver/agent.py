@@ -99,6 +99,10 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         )
 
 
+# Fail fast instead of queueing behind a reconnect back-off to a node that came back.
+_CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 200),
+                    ("grpc.max_reconnect_backoff_ms", 2_000))
+
 _CODE_TO_ERROR: dict[grpc.StatusCode, type[errors.TandemError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgumentError,
     grpc.StatusCode.NOT_FOUND: errors.NotFoundError,
@@ -120,18 +124,25 @@ class AgentClients:
     def _stub(self, address: str) -> agent_pb2_grpc.AgentStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = grpc.aio.insecure_channel(address)
+            channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
             self._channels.append(channel)
             stub = self._stubs[address] = agent_pb2_grpc.AgentStub(channel)
         return stub
 
     async def _call(self, address: str, method: str, request: object) -> object:
         rpc = getattr(self._stub(address), method)
-        try:
-            return await rpc(request, timeout=self._timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            error_type = _CODE_TO_ERROR.get(exc.code(), errors.UnavailableError)
-            raise error_type(f"agent {address} {method}: {exc.details()}") from exc
+        for attempt in range(2):
+            try:
+                return await rpc(request, timeout=self._timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                # Every agent call is idempotent: one retry covers a connection that died
+                # with its node (link down) and is only noticed on first use after a revive.
+                if exc.code() is grpc.StatusCode.UNAVAILABLE and attempt == 0:
+                    await asyncio.sleep(0.2)
+                    continue
+                error_type = _CODE_TO_ERROR.get(exc.code(), errors.UnavailableError)
+                raise error_type(f"agent {address} {method}: {exc.details()}") from exc
+        raise AssertionError("unreachable")
 
     async def create_replica(self, address: str, volume_id: str, size: int) -> None:
         request = agent_pb2.CreateReplicaRequest(volume_id=volume_id, size_bytes=size)

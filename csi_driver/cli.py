@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from csi_driver.config import DEFAULT_LEASE_TTL_S
+
 # gRPC's fork handlers crash children forked (for mount, losetup, mkfs) while its threads are
 # busy ("skipping fork() handlers", then SIGSEGV before exec). The children exec at once and
 # never touch gRPC, so the handlers are not needed. Must be set before grpc is imported.
@@ -109,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--lvm-vg")
     node.add_argument("--lvm-thin-pool")
     node.add_argument("--state-dir", required=True)
-    node.add_argument("--lease-ttl", type=float, default=5.0)
+    node.add_argument("--lease-ttl", type=float, default=DEFAULT_LEASE_TTL_S,
+                      help="ownership and node lease TTL in seconds (takeover waits this long)")
     node.add_argument("--max-volumes", type=int, default=0)
     node.set_defaults(func=cmd_node)
 

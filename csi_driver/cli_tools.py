@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from csi_driver import config as cfg
+from csi_driver.config import DEFAULT_LEASE_TTL_S
 
 
 def _cluster_up(args: argparse.Namespace) -> int:
@@ -34,7 +35,7 @@ def _cluster_status(args: argparse.Namespace) -> int:
     from csi_driver import devcluster
 
     status = devcluster.status(Path(args.dir).resolve())
-    print(status.render() if hasattr(status, "render") else status)
+    print("\n".join(status.lines()))
     return 0
 
 
@@ -190,7 +191,7 @@ def add_commands(sub: Any) -> None:
     up.add_argument("--nodes", type=int, default=3)
     up.add_argument("--dir", required=True)
     up.add_argument("--pool-size", default="2G")
-    up.add_argument("--lease-ttl", type=float, default=5.0)
+    up.add_argument("--lease-ttl", type=float, default=DEFAULT_LEASE_TTL_S)
     up.set_defaults(func=_cluster_up)
     bench = sub.add_parser("bench", help="benchmarks against a local dev cluster")
     bsub = bench.add_subparsers(dest="bench_command", required=True)

@@ -13,6 +13,10 @@ from pathlib import Path
 TOPOLOGY_KEY = "tandem.csi.io/node"
 DRIVER_NAME = "tandem.csi.io"
 DRIVER_VERSION = "0.1.0"
+# Ownership/node lease TTL. A takeover waits for the dead owner's lease to lapse, so this is
+# the floor of failover time; the owner self-fences 0.5 s before it, so it must also cover
+# etcd hiccups (renewals every TTL/3: two may be missed). Integer seconds (etcd leases).
+DEFAULT_LEASE_TTL_S = 2.0
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -97,7 +101,7 @@ class NodeConfig:
     lvm_vg: str | None
     lvm_thin_pool: str | None
     state_dir: Path
-    lease_ttl_s: float = 5.0
+    lease_ttl_s: float = DEFAULT_LEASE_TTL_S
     max_volumes: int = 0
 
     def __post_init__(self) -> None:

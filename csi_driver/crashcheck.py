@@ -235,8 +235,16 @@ def _late_acks(log: WriterLog) -> list[Violation]:
     ]
 
 
-def check(log: WriterLog, read_block: Callable[[int], bytes], block_count: int) -> CheckResult:
-    """Check blocks ``0 .. block_count-1`` as read by ``read_block`` against the log."""
+def check(
+    log: WriterLog, read_block: Callable[[int], bytes], block_count: int | None = None,
+) -> CheckResult:
+    """Check blocks ``0 .. block_count-1`` as read by ``read_block`` against the log.
+
+    Pass the volume's block count so blocks never written are checked too (they must be
+    blank); by default only up to the highest block in the log is checked.
+    """
+    if block_count is None:
+        block_count = 1 + max((w.block for w in log.writes()), default=-1)
     by_block: dict[int, list[WriteRecord]] = {}
     for write in log.writes():
         if not 0 <= write.block < block_count:

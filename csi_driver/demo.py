@@ -165,7 +165,7 @@ def _failover(spec: devcluster.ClusterSpec, volume_id: str, survivor: str, work:
 def run(cluster_dir: Path, nodes: int) -> None:
     say(f"Starting a {nodes}-node tandem cluster in {cluster_dir}")
     started = time.monotonic()
-    spec = devcluster.up(cluster_dir, nodes, 1 << 30, lease_ttl_s=3.0)
+    spec = devcluster.up(cluster_dir, nodes, 1 << 30)
     detail(f"etcd {spec.etcd_endpoints[0]}, controller {spec.controller.csi_endpoint}")
     for n in spec.nodes:
         detail(f"{n.id}: netns {n.netns}, agent {n.agent_address}, replicas {n.replica_address}")

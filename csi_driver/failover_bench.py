@@ -1,25 +1,28 @@
 """Failover benchmark: kill a volume's owner mid-write, take over, prove nothing was lost.
 
 ``tandem bench failover --dir DIR --trials N [--mode sigkill|link-down] [--json OUT]
-[--lease-ttl S]``. Each trial, on a 3-node dev cluster (reused if one is up in DIR,
-otherwise started and always torn down): a fresh 64 MiB 3-replica block volume is staged
-and published on one replica node; writer threads write checksummed, sequence-numbered
-blocks with O_DIRECT pwrite + fsync through the published device, logging every
-acknowledgement; 0.5-2 s in, the owner node is killed; NodeStageVolume + NodePublishVolume
-are retried on another replica node until they succeed; one write + fsync goes through the
-new device (kill -> first acknowledged write is the figure); then the whole device is read
-back and checked (``crashcheck.check``). The killed node is revived before the next trial.
-Prints each trial and p50/p90/p99/max, the acknowledged writes lost (must be 0) and the
-violations; ``--json`` writes it all. Also used by the fault tests (tests/fault).
+[--lease-ttl S]``. Each trial, on a 3-node dev cluster (reused if one is up in DIR, else
+started and always torn down): a fresh 64 MiB 3-replica block volume is staged and published
+on one replica node; writer threads write checksummed, sequence-numbered blocks (O_DIRECT
+pwrite + fsync) through the published device, logging every acknowledgement; 0.5-2 s in,
+the owner node is killed; NodeStageVolume + NodePublishVolume are retried on another replica
+node until they succeed; one write + fsync goes through the new device (kill -> first
+acknowledged write is the figure); then the device is read back and checked
+(``crashcheck.check``). The killed node is revived before the next trial. Prints each trial,
+p50/p90/p99/max, acknowledged writes lost (must be 0) and violations; ``--json`` writes it
+all. The CSI helpers and ``run_trial`` are also used by the fault tests (tests/fault).
 """
 
 from __future__ import annotations
 
 import os
 
+from csi_driver.config import DEFAULT_LEASE_TTL_S
+
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import argparse
+import asyncio
 import contextlib
 import json
 import math
@@ -27,129 +30,29 @@ import random
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from csi_driver import devcluster
-from csi_driver._gen import csi_pb2
-from csi_driver.client import CsiClient, block_capability
-from csi_driver.config import TOPOLOGY_KEY
-from csi_driver.crashcheck import BLOCK_SIZE, CheckResult, WriterLog, check
-from csi_driver.failover_io import BlockReader, BlockWriter, new_writer_id, read_device, write_one
+from csi_driver import failover_io as fio
+from csi_driver.client import CsiClient
+from csi_driver.crashcheck import BLOCK_SIZE, WriterLog, check
+from csi_driver.failover_csi import (
+    create_block_volume,
+    delete_volume,
+    describe,
+    publish,
+    stage,
+    take_over,
+    unpublish_unstage,
+)
+from csi_driver.state.etcd import EtcdStore
 
-MIB = 1 << 20
-VOLUME_BYTES = 64 * MIB
 WRITE_BLOCKS = 4096  # the writers' region (16 MiB): small enough that blocks get overwritten
 POOL_BYTES = 2 << 30
-TAKEOVER_TIMEOUT_S = 90.0
-RETRY_PAUSE_S = 0.05
-# Answers a CO retries: the owner still holds its claim (RWO), ownership is moving, or the
-# data path is not ready yet. Anything else fails the takeover at once.
-RETRYABLE = frozenset({
-    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED,
-    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-})
-
-
-class TakeoverTimeoutError(Exception):
-    """The volume could not be staged on the new node before the deadline."""
-
-
-# -- CSI helpers (also used by the fault tests) ---------------------------------------------
-
-
-def create_block_volume(
-    ctl: CsiClient, name: str, *, size: int = VOLUME_BYTES, replicas: int = 3,
-    nodes: Sequence[str] = (),
-) -> tuple[str, list[str]]:
-    """CreateVolume (raw block) -> (id, replica nodes). ``nodes``: place on these first
-    (requisite binds only the first replica, preferred orders the rest)."""
-    request = csi_pb2.CreateVolumeRequest(
-        name=name, capacity_range=csi_pb2.CapacityRange(required_bytes=size),
-        volume_capabilities=[block_capability()], parameters={"replicas": str(replicas)},
-    )
-    if nodes:
-        wanted = [csi_pb2.Topology(segments={TOPOLOGY_KEY: n}) for n in nodes]
-        request.accessibility_requirements.CopyFrom(
-            csi_pb2.TopologyRequirement(requisite=wanted, preferred=wanted))
-    volume = ctl.controller.CreateVolume(request, timeout=120).volume
-    return volume.volume_id, [t.segments[TOPOLOGY_KEY] for t in volume.accessible_topology]
-
-
-def stage(node: CsiClient, volume_id: str, staging: Path, timeout_s: float = 120) -> None:
-    node.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
-        volume_id=volume_id, staging_target_path=str(staging),
-        volume_capability=block_capability()), timeout=timeout_s)
-
-
-def publish(node: CsiClient, volume_id: str, staging: Path, target: Path) -> None:
-    node.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
-        volume_id=volume_id, staging_target_path=str(staging), target_path=str(target),
-        volume_capability=block_capability()), timeout=60)
-
-
-def unpublish_unstage(node: CsiClient, volume_id: str, staging: Path, target: Path) -> None:
-    node.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
-        volume_id=volume_id, target_path=str(target)), timeout=60)
-    node.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
-        volume_id=volume_id, staging_target_path=str(staging)), timeout=60)
-
-
-def delete_volume(ctl: CsiClient, volume_id: str, attempts: int = 10) -> list[str]:
-    """DeleteVolume, retried as a CO retries it; returns the refusals seen before success."""
-    refusals: list[str] = []
-    for attempt in range(attempts):
-        try:
-            ctl.controller.DeleteVolume(
-                csi_pb2.DeleteVolumeRequest(volume_id=volume_id), timeout=60)
-            return refusals
-        except grpc.RpcError as exc:
-            refusals.append(f"{exc.code().name}: {exc.details()}")
-            if exc.code() not in RETRYABLE or attempt == attempts - 1:
-                raise
-            time.sleep(0.5)
-    return refusals
-
-
-@dataclass
-class Takeover:
-    staged_at: float  # monotonic time NodeStageVolume succeeded on the new node
-    attempts: int
-    answers: list[str] = field(default_factory=list)  # each distinct refusal, in order
-
-
-def take_over(
-    node: CsiClient, volume_id: str, staging: Path, timeout_s: float = TAKEOVER_TIMEOUT_S,
-) -> Takeover:
-    """Retry NodeStageVolume as a CO would, until it succeeds (or the deadline)."""
-    deadline = time.monotonic() + timeout_s
-    answers: list[str] = []
-    attempt = 0
-    while time.monotonic() < deadline:
-        attempt += 1
-        try:
-            stage(node, volume_id, staging, timeout_s=max(1.0, deadline - time.monotonic()))
-        except grpc.RpcError as exc:
-            answer = f"{exc.code().name}: {exc.details()}"
-            if not answers or answers[-1] != answer:
-                answers.append(answer)
-            if exc.code() not in RETRYABLE:
-                raise
-            time.sleep(RETRY_PAUSE_S)
-            continue
-        return Takeover(time.monotonic(), attempt, answers)
-    raise TakeoverTimeoutError(
-        f"volume {volume_id} not staged within {timeout_s:.0f} s; answers: {answers[-3:]}")
-
-
-def read_and_check(device: Path, log: WriterLog, size: int = VOLUME_BYTES) -> CheckResult:
-    """Read the whole device back (O_DIRECT) and check it against the writer log."""
-    reader = BlockReader(read_device(device, size))
-    return check(log, reader, size // BLOCK_SIZE)
+SETTLE_TIMEOUT_S = 15.0
 
 
 # -- one trial ------------------------------------------------------------------------------
@@ -179,21 +82,12 @@ class TrialResult:
         return not self.errors and not self.violations and self.lost_acks == 0
 
     def line(self) -> str:
-        def fmt(v: float | None) -> str:
-            return "-" if v is None else f"{v:.2f}s"
         text = (f"trial {self.trial:3d} {self.mode:9} {self.owner}->{self.survivor} "
-                f"kill@{self.kill_after_s:.2f}s stage {fmt(self.kill_to_stage_s)} "
-                f"first-ack {fmt(self.kill_to_first_ack_s)} tries {self.stage_attempts:3d} "
+                f"kill@{self.kill_after_s:.2f}s stage {_secs(self.kill_to_stage_s)} "
+                f"first-ack {_secs(self.kill_to_first_ack_s)} tries {self.stage_attempts:3d} "
                 f"acked {self.acked_before_kill:5d} lost {self.lost_acks} "
                 f"violations {len(self.violations)}")
         return text + ("" if not self.errors else f"  ERROR {self.errors[0]}")
-
-
-def describe(exc: BaseException) -> str:
-    """One line for an error (gRPC errors: code and details, not the debug string)."""
-    if isinstance(exc, grpc.RpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    return f"{type(exc).__name__}: {exc}"
 
 
 def _best_effort(result: TrialResult, what: str, func: Any, *args: Any) -> None:
@@ -203,72 +97,111 @@ def _best_effort(result: TrialResult, what: str, func: Any, *args: Any) -> None:
         result.errors.append(f"{what}: {describe(exc)}")
 
 
+def _volume_isr(spec: devcluster.ClusterSpec, volume_id: str) -> tuple[str, ...]:
+    async def get() -> tuple[str, ...]:
+        store = EtcdStore([spec.etcd_host_endpoint], prefix=spec.etcd_prefix)
+        try:
+            found = await store.get_volume(volume_id)
+            return () if found is None else found.value.isr
+        finally:
+            await store.close()
+    return asyncio.run(get())
+
+
+def settle(spec: devcluster.ClusterSpec, volume_id: str, served: Callable[[], bytes],
+           timeout_s: float = SETTLE_TIMEOUT_S) -> list[str]:
+    """Wait until every in-sync replica file holds exactly what the owner serves (I1, I4:
+    convergence after a takeover runs in the background). Returns what still differs."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        isr, image = _volume_isr(spec, volume_id), served()
+        differ = [n for n in isr if (Path(spec.node(n).pool.dir) / f"{volume_id}.img")
+                  .read_bytes()[:len(image)] != image]
+        if (isr and not differ) or time.monotonic() > deadline:
+            return [f"in-sync replica {n} differs from what the owner serves after "
+                    f"{timeout_s:g} s" for n in differ] or ([] if isr else ["empty ISR"])
+        time.sleep(0.2)
+
+
+def _unstable(first: bytes, second: bytes) -> list[str]:
+    """Blocks that changed between two reads with no write in between (I4)."""
+    step = BLOCK_SIZE
+    return [f"block {i // step} changed between two reads with no write in between"
+            for i in range(0, min(len(first), len(second)), step)
+            if first[i:i + step] != second[i:i + step]]
+
+
 def _failover(
-    spec: devcluster.ClusterSpec, result: TrialResult, rng: random.Random, work: Path,
-    log: WriterLog, clients: dict[str, CsiClient],
+    spec: devcluster.ClusterSpec, result: TrialResult, mode: devcluster.KillMode,
+    rng: random.Random, work: Path, clients: dict[str, CsiClient],
 ) -> None:
     owner, survivor = clients[result.owner], clients[result.survivor]
+    log, size = WriterLog(), fio.VOLUME_BYTES
     old_dev, new_dev = work / "old-pod" / "dev", work / "new-pod" / "dev"
     stage(owner, result.volume_id, work / "old-staging")
     publish(owner, result.volume_id, work / "old-staging", old_dev)
-    writer = BlockWriter(old_dev, log, new_writer_id(), WRITE_BLOCKS, seed=rng.getrandbits(32))
+    seed = rng.getrandbits(32)
+    writer = fio.BlockWriter(old_dev, log, fio.new_writer_id(), WRITE_BLOCKS, seed=seed)
     writer.start()
     try:
         result.kill_after_s = rng.uniform(0.5, 2.0)
         time.sleep(result.kill_after_s)
         killed_at = time.monotonic()
         result.acked_before_kill = len(log.acked())
-        devcluster.kill_node(Path(spec.dir), result.owner, result.mode)  # type: ignore[arg-type]
+        devcluster.kill_node(Path(spec.dir), result.owner, mode)
         takeover = take_over(survivor, result.volume_id, work / "new-staging")
         log.mark_takeover(takeover.staged_at, {writer.writer})
         result.kill_to_stage_s = takeover.staged_at - killed_at
         result.stage_attempts, result.refusals = takeover.attempts, takeover.answers
         publish(survivor, result.volume_id, work / "new-staging", new_dev)
-        acked_at = write_one(new_dev, log, new_writer_id(), rng.randrange(WRITE_BLOCKS), 1)
+        acked_at = fio.write_one(new_dev, log, fio.new_writer_id(), rng.randrange(WRITE_BLOCKS), 1)
         if acked_at is None:
             raise RuntimeError("the first write on the new owner failed")
         result.kill_to_first_ack_s = acked_at - killed_at
+        first = fio.read_device(new_dev, size)  # before convergence may have finished
     finally:
         if not writer.stop():
             result.errors.append("old writer threads still stuck in I/O after 60 s")
     result.old_writes_failed = sum(
         1 for w in log.writes() if w.writer == writer.writer and not w.acked)
-    outcome = read_and_check(new_dev, log)
+    problems = settle(spec, result.volume_id, lambda: fio.read_device(new_dev, size))
+    second = fio.read_device(new_dev, size)
+    outcome = check(log, fio.BlockReader(second), size // BLOCK_SIZE)
     result.lost_acks = outcome.lost_acks
-    result.violations = [str(v) for v in outcome.violations[:20]]
+    found = [str(v) for v in outcome.violations] + problems + _unstable(first, second)
+    result.violations = found[:20]
 
 
 def run_trial(
-    spec: devcluster.ClusterSpec, trial: int, mode: str, rng: random.Random, work: Path,
+    spec: devcluster.ClusterSpec, trial: int, mode: devcluster.KillMode, rng: random.Random,
+    work: Path,
 ) -> TrialResult:
+    """One kill-and-take-over; never raises: failures are in the result's ``errors``."""
     ids = [n.id for n in spec.nodes]
     owner = rng.choice(ids)
     result = TrialResult(trial, mode, owner, rng.choice([n for n in ids if n != owner]))
     work.mkdir(parents=True, exist_ok=True)
     clients = {n.id: CsiClient(n.csi_endpoint) for n in spec.nodes}
     ctl = CsiClient(spec.controller.csi_endpoint)
-    log = WriterLog()
-    killed = False
     try:
         result.volume_id, _ = create_block_volume(ctl, f"failover-{uuid.uuid4().hex[:12]}")
-        killed = True  # from here on, the owner may be dead: always revive it
-        _failover(spec, result, rng, work, log, clients)
+        _failover(spec, result, mode, rng, work, clients)
     except Exception as exc:
         result.errors.append(describe(exc))
     finally:
-        _cleanup(spec, result, work, clients, ctl, killed)
+        _cleanup(spec, result, work, clients, ctl)
     return result
 
 
 def _cleanup(
     spec: devcluster.ClusterSpec, result: TrialResult, work: Path,
-    clients: dict[str, CsiClient], ctl: CsiClient, killed: bool,
+    clients: dict[str, CsiClient], ctl: CsiClient,
 ) -> None:
     vid = result.volume_id
     if vid:
         _best_effort(result, "unstage on the new owner", unpublish_unstage,
                      clients[result.survivor], vid, work / "new-staging", work / "new-pod" / "dev")
-    if killed and result.owner not in _running_nodes(spec):
+    if result.owner not in _running_nodes(spec):
         _best_effort(result, "revive", devcluster.revive_node, Path(spec.dir), result.owner)
     if vid:
         # The revived node still has the dead attachment's state: unstage clears it.
@@ -298,32 +231,39 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
+def _distribution(values: Sequence[float]) -> dict[str, float | None]:
+    return {"p50": percentile(values, 50), "p90": percentile(values, 90),
+            "p99": percentile(values, 99), "max": max(values) if values else None}
+
+
 def summarize(results: Sequence[TrialResult], lease_ttl_s: float) -> dict[str, Any]:
-    times = [r.kill_to_first_ack_s for r in results if r.kill_to_first_ack_s is not None]
+    acks = [r.kill_to_first_ack_s for r in results if r.kill_to_first_ack_s is not None]
+    stages = [r.kill_to_stage_s for r in results if r.kill_to_stage_s is not None]
     return {
         "trials": len(results),
         "mode": results[0].mode if results else None,
         "lease_ttl_s": lease_ttl_s,
         "succeeded": sum(1 for r in results if r.ok),
-        "kill_to_first_ack_s": {
-            "p50": percentile(times, 50), "p90": percentile(times, 90),
-            "p99": percentile(times, 99), "max": max(times) if times else None,
-        },
+        "kill_to_first_ack_s": _distribution(acks),
+        "kill_to_stage_s": _distribution(stages),
         "acked_writes_lost": sum(r.lost_acks or 0 for r in results),
         "violations": sum(len(r.violations) for r in results),
         "failed_trials": [r.trial for r in results if not r.ok],
     }
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
-    t = summary["kill_to_first_ack_s"]
+def _secs(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}s"
 
-    def fmt(v: float | None) -> str:
-        return "-" if v is None else f"{v:.2f}s"
+
+def _print_summary(summary: dict[str, Any]) -> None:
     print(f"\n{summary['trials']} trials ({summary['mode']}, lease TTL "
           f"{summary['lease_ttl_s']:g} s), {summary['succeeded']} clean")
-    print(f"kill -> first acknowledged write: p50 {fmt(t['p50'])} p90 {fmt(t['p90'])} "
-          f"p99 {fmt(t['p99'])} max {fmt(t['max'])}")
+    for key, what in (("kill_to_first_ack_s", "first acknowledged write"),
+                      ("kill_to_stage_s", "NodeStageVolume done")):
+        t = summary[key]
+        print(f"kill -> {what}: p50 {_secs(t['p50'])} p90 {_secs(t['p90'])} "
+              f"p99 {_secs(t['p99'])} max {_secs(t['max'])}")
     print(f"acknowledged writes lost: {summary['acked_writes_lost']}   "
           f"violations: {summary['violations']}")
 
@@ -349,13 +289,14 @@ def _cluster(directory: Path, lease_ttl_s: float | None) -> Iterator[devcluster.
         devcluster.down(directory)  # a half-dead leftover: start afresh
     try:
         yield devcluster.up(directory, 3, POOL_BYTES,
-                            lease_ttl_s=5.0 if lease_ttl_s is None else lease_ttl_s)
+                            lease_ttl_s=DEFAULT_LEASE_TTL_S if lease_ttl_s is None else lease_ttl_s)
     finally:
         devcluster.down(directory)
 
 
 def run(
-    directory: Path, trials: int, mode: str, lease_ttl_s: float | None, seed: int | None,
+    directory: Path, trials: int, mode: devcluster.KillMode, lease_ttl_s: float | None,
+    seed: int | None,
 ) -> tuple[list[TrialResult], dict[str, Any]]:
     rng = random.Random(seed)
     results: list[TrialResult] = []
@@ -392,8 +333,12 @@ def run_from_args(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print("tandem bench failover: needs root (namespaces, loop devices)", file=sys.stderr)
         return 2
-    directory = Path(args.dir).resolve()
-    results, summary = run(directory, args.trials, args.mode, args.lease_ttl, args.seed)
+    try:
+        results, summary = run(Path(args.dir).resolve(), args.trials, args.mode,
+                               args.lease_ttl, args.seed)
+    except devcluster.ClusterError as exc:
+        print(f"tandem bench failover: {exc}", file=sys.stderr)
+        return 1
     _print_summary(summary)
     if args.json:
         Path(args.json).write_text(json.dumps(

@@ -4,11 +4,13 @@ The I/O edge of ``crashcheck``: ``BlockWriter`` runs threads that write self-des
 4 KiB blocks (``crashcheck.encode_block``) with O_DIRECT ``pwrite`` + ``fsync`` through a
 device file (the CSI target path of a published block volume: loop -> nbdfuse -> NBD ->
 target -> every in-sync replica), logging each write as issued, acknowledged or failed in a
-``WriterLog``. ``read_device`` reads a whole device back with O_DIRECT for ``check``.
+``WriterLog``. ``read_and_check`` reads a whole device back with O_DIRECT and hands it to
+``crashcheck.check``.
 
 Each thread owns the blocks ``i, i + threads, ...`` so writes to one block never overlap
 in time: the order of a block's writes is the order they were issued, which the checker's
-"last acknowledged value" rule relies on. Must not: talk CSI or etcd, or judge the data.
+"last acknowledged value" rule relies on. Must not: talk CSI or etcd, or judge the data
+itself (crashcheck does).
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ from pathlib import Path
 from csi_driver.crashcheck import (
     BLOCK_SIZE,
     PAYLOAD_SIZE,
+    CheckResult,
     WriterLog,
+    check,
     encode_block,
     payload_digest,
 )
 
+VOLUME_BYTES = 64 << 20  # the failover benchmark's and fault tests' volumes
 READ_CHUNK = 1 << 20
 # After a failed write, wait a little before the next: a dead device fails at once, and a
 # writer spinning on EIO would only bloat the log.
@@ -170,3 +175,8 @@ class BlockReader:
 
     def __call__(self, index: int) -> bytes:
         return self._image[index * BLOCK_SIZE:(index + 1) * BLOCK_SIZE]
+
+
+def read_and_check(device: Path, log: WriterLog, size: int = VOLUME_BYTES) -> CheckResult:
+    """Read the whole device back (O_DIRECT) and check it against the writer log."""
+    return check(log, BlockReader(read_device(device, size)), size // BLOCK_SIZE)

@@ -26,7 +26,7 @@ CHANGE_DEADLINE_S = 10.0
 class EtcdAuthority:
     def __init__(
         self, store: Store, volume_id: str, node_id: str, epoch: int, lease_ttl_s: float,
-        safety_margin_s: float = 1.0,
+        safety_margin_s: float = 0.5,
     ) -> None:
         self._store = store
         self._volume_id = volume_id

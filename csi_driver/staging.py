@@ -23,6 +23,7 @@ from csi_driver.attach import Attachment, NbdAttacher
 from csi_driver.loop import LoopAttacher
 from csi_driver.ownership import Ownership
 from csi_driver.targets import TargetProcesses
+from replication.errors import ReplicationError
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,17 @@ class StagingService:
             await self._ro_loops.detach_device(device)
         await mount.unmount(staged.staging_path)
         if staged.attachment:
-            await self._attacher.detach(attachment_from_dict(staged.attachment))
+            attachment = attachment_from_dict(staged.attachment)
+            try:
+                await self._attacher.detach(attachment)
+            except (errors.TandemError, ReplicationError) as exc:
+                # The detach flush failed through the target: it is fenced (another node took
+                # over) or lost every replica, so nothing can be made durable any more. Stop
+                # it, and the attacher then detaches without a server.
+                log.warning("volume=%s node=%s detach flush failed (%s); stopping the target "
+                            "first", staged.volume_id, self._node_id, exc)
+                await self._targets.stop(staged.volume_id)
+                await self._attacher.detach(attachment)
         await self._targets.stop(staged.volume_id)
         self._states.remove(staged.volume_id)
 

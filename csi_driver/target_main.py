@@ -21,6 +21,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from csi_driver.config import DEFAULT_LEASE_TTL_S
+
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from csi_driver.config import ConfigError, parse_etcd_endpoints
@@ -28,6 +30,7 @@ from csi_driver.isr_authority import EtcdAuthority
 from csi_driver.state import errors as store_errors
 from csi_driver.state.etcd import EtcdStore, LeaseKeeper
 from csi_driver.state.model import OwnerClaim, VolumeRecord
+from replication.backend import BackendIOError
 from replication.fencing import connect_and_fence, open_volume
 from replication.nbd_server import NbdServer
 from replication.replica_client import ReplicaClient
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--etcd-endpoints", required=True)
     parser.add_argument("--etcd-prefix", default="/tandem/")
     parser.add_argument("--state-dir", required=True)
-    parser.add_argument("--lease-ttl", type=float, default=5.0)
+    parser.add_argument("--lease-ttl", type=float, default=DEFAULT_LEASE_TTL_S)
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-file", help="append logs (stderr) here")
     args = parser.parse_args(argv)
@@ -182,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.run(serve(args))
     except (TargetStartError, ConfigError) as exc:
         print(f"tandem-target: {exc}", file=sys.stderr, flush=True)
+        return 3
+    except BackendIOError as exc:  # e.g. no in-sync replica could be fenced
+        print(f"tandem-target: {exc.args[-1]}", file=sys.stderr, flush=True)
         return 3
     except OSError as exc:
         print(f"tandem-target: cannot serve: {exc}", file=sys.stderr, flush=True)

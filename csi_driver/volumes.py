@@ -185,14 +185,17 @@ class VolumeService:
     async def _finish_create(self, versioned: Versioned[VolumeRecord]) -> VolumeRecord:
         record = versioned.value
         nodes = await self.live_nodes()
-        try:
-            await asyncio.gather(
-                *(self._create_replica(nodes, n, record) for n in record.replica_nodes())
-            )
-        except Exception:
+        # Wait for every creation to finish before judging: rolling back while one is still
+        # in flight would let it land after the rollback deleted it (an orphan).
+        results = await asyncio.gather(
+            *(self._create_replica(nodes, n, record) for n in record.replica_nodes()),
+            return_exceptions=True,
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
             log.warning("volume=%s replica creation failed; rolling back", record.volume_id)
             await self.remove(versioned)
-            raise
+            raise failures[0]
         ready = record.with_(
             phase=VolumePhase.READY,
             replicas=tuple(ReplicaRef(n, ReplicaState.READY) for n in record.replica_nodes()),

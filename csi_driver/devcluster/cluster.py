@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from csi_driver.config import DEFAULT_LEASE_TTL_S
 from csi_driver.devcluster import mounts, netns, procs
 from csi_driver.devcluster.spec import (
     DEFAULT_ETCD_PREFIX,
@@ -51,7 +52,7 @@ class _Etcd:
 
 
 def up(
-    directory: Path, nodes: int, pool_size_bytes: int, *, lease_ttl_s: float = 5.0,
+    directory: Path, nodes: int, pool_size_bytes: int, *, lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
     use_netns: bool | None = None, timeout_s: float = 60.0,
     replace_dead_after_s: float = 300.0,
 ) -> ClusterSpec:

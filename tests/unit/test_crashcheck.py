@@ -235,3 +235,10 @@ def test_log_rejects_reused_sequence_and_out_of_range_blocks() -> None:
     with pytest.raises(ValueError):
         run_check(log, lambda _: BLANK, 8)
     assert [w.writer for w in log.acked()] == []
+
+
+def test_block_count_defaults_to_the_highest_logged_block() -> None:
+    img = Image()
+    img.write(OLD, 5, 1.0, 1.1, acked=True, landed=True)
+    result = run_check(img.log, img.read)
+    assert result.ok and result.blocks_checked == 6
