@@ -325,7 +325,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=["sigkill", "link-down"], default="sigkill")
     parser.add_argument("--json", help="write per-trial results and the summary here")
     parser.add_argument("--lease-ttl", type=float, default=None,
-                        help="lease TTL of a cluster started here (default: devcluster's 5 s)")
+                        help="lease TTL of a cluster started here "
+                             "(default: the driver default, 2 s)")
     parser.add_argument("--seed", type=int, default=None, help="seed the random choices")
 
 
