@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 RECONCILE_INTERVAL_S = 5.0
 SWEEP_INTERVAL_S = 30.0
+# etcd's lessor revokes expired leases in rounds (every 500 ms in 3.4): wait that much past
+# the TTL so a stage just after an owner died succeeds on the first call.
+CLAIM_WAIT_EXTRA_S = 1.0
 
 
 def _unix_address(path: Path) -> str:
@@ -136,9 +139,9 @@ async def run_node(config: NodeConfig) -> None:
     store = EtcdStore(list(config.etcd.endpoints), prefix=config.etcd.prefix)
     targets = TargetProcesses(config)
     await targets.prepare()
+    ownership = Ownership(store, config.node_id, config.lease_ttl_s + CLAIM_WAIT_EXTRA_S)
     staging = StagingService(
-        config.node_id, Ownership(store, config.node_id, config.lease_ttl_s), targets,
-        choose_attacher(), config.state_dir,
+        config.node_id, ownership, targets, choose_attacher(), config.state_dir
     )
     membership = Membership(config, store, pool, staging.staged_count)
     await membership.register()

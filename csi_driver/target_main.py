@@ -39,6 +39,7 @@ from replication.target import ReplicaEndpoint, ReplicatedBackend
 log = logging.getLogger("csi_driver.target")
 
 REJOIN_INTERVAL_S = 2.0
+FENCE_CONNECT_TIMEOUT_S = 1.0
 
 
 class TargetStartError(Exception):
@@ -77,7 +78,10 @@ async def serve(args: argparse.Namespace) -> None:
     await store.claim_owner(args.volume_id, claim, lease)
 
     async def connect(endpoint: ReplicaEndpoint) -> ReplicaClient:
-        return await ReplicaClient.connect(endpoint.host, endpoint.port, args.node_id)
+        # A replica that does not answer within this is dropped from the ISR (and rebuilt
+        # later): a takeover must not wait out a dead node's TCP timeout.
+        return await ReplicaClient.connect(endpoint.host, endpoint.port, args.node_id,
+                                           connect_timeout_s=FENCE_CONNECT_TIMEOUT_S)
 
     backend = await open_volume(
         args.volume_id, epoch, record.size_bytes, await _endpoints(store, record),
