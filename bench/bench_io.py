@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -45,6 +44,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from bench_nbd_local import serving
 
 from csi_driver import devcluster
 from csi_driver._gen import csi_pb2
@@ -139,34 +140,11 @@ def device_target(name: str, device: str, server_pids: tuple[int, ...] = (),
                   server_pids, replica_pids)
 
 
-@contextlib.contextmanager
-def qemu_nbd(image: Path, sock: Path) -> Iterator[int]:
+def qemu_nbd(image: Path, sock: Path) -> contextlib.AbstractContextManager[int]:
     """qemu-nbd on image (default cache = writeback); --persistent: fio reconnects per job."""
     argv = ["qemu-nbd", "-f", "raw", "--persistent", "--shared=8", "--socket", str(sock),
             str(image)]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 15
-        while True:  # bounded by the deadline
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-                raise RuntimeError(f"qemu-nbd exited: {err}")
-            with socket.socket(socket.AF_UNIX) as probe, contextlib.suppress(OSError):
-                probe.connect(str(sock))
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError("qemu-nbd never listened")
-            time.sleep(0.05)
-        yield proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        if proc.stderr is not None:
-            proc.stderr.close()
+    return serving(argv, sock)
 
 
 @contextlib.contextmanager
