@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -40,6 +41,7 @@ log = logging.getLogger("csi_driver.target")
 
 REJOIN_INTERVAL_S = 2.0
 FENCE_CONNECT_TIMEOUT_S = 1.0
+ABANDON_TIMEOUT_S = 3.0
 
 
 class TargetStartError(Exception):
@@ -83,10 +85,20 @@ async def serve(args: argparse.Namespace) -> None:
         return await ReplicaClient.connect(endpoint.host, endpoint.port, args.node_id,
                                            connect_timeout_s=FENCE_CONNECT_TIMEOUT_S)
 
-    backend = await open_volume(
-        args.volume_id, epoch, record.size_bytes, await _endpoints(store, record),
-        record.isr, args.node_id, authority, Path(args.state_dir), connect,
-    )
+    try:
+        backend = await open_volume(
+            args.volume_id, epoch, record.size_bytes, await _endpoints(store, record),
+            record.isr, args.node_id, authority, Path(args.state_dir), connect,
+        )
+    except BaseException:
+        # Give the claim back now rather than at lease expiry: a stage elsewhere (or our
+        # own retry) must not be refused as "still served" by a target that never served.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(ABANDON_TIMEOUT_S):
+                await store.release_owner(args.volume_id, claim)
+                await keeper.stop()
+                await store.revoke_lease(lease)
+        raise
     rejoiner = asyncio.get_running_loop().create_task(
         _rejoin_forever(store, backend, args.volume_id, connect)
     )
@@ -160,6 +172,29 @@ def _standby_argv() -> list[str] | None:
     return argv
 
 
+async def run(args: argparse.Namespace) -> int:
+    """Serve; a volume that cannot be served is reported from inside the loop, so the node
+    hears FAILED before the loop teardown (grpc channel shutdown is unbounded) can delay it."""
+    try:
+        await serve(args)
+    except (TargetStartError, ConfigError) as exc:
+        return _failed(str(exc))
+    except BackendIOError as exc:  # e.g. no in-sync replica could be fenced
+        return _failed(str(exc.args[-1]))
+    except store_errors.StoreError as exc:
+        return _failed(f"etcd: {exc}")
+    except OSError as exc:
+        return _failed(f"cannot serve: {exc}")
+    return 0
+
+
+def _failed(reason: str) -> int:
+    """Tell the node (stdout) and the log why the volume is not served; exit status 3."""
+    print(f"tandem-target: {reason}", file=sys.stderr, flush=True)
+    print(f"FAILED {reason}", flush=True)
+    return 3
+
+
 def main(argv: list[str] | None = None) -> int:
     if (sys.argv[1:] if argv is None else argv) == ["--standby"]:
         argv = _standby_argv()
@@ -183,20 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         level=getattr(logging, args.log_level.upper(), logging.INFO),
         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
     )
-    try:
-        import uvloop
+    import uvloop
 
-        uvloop.run(serve(args))
-    except (TargetStartError, ConfigError) as exc:
-        print(f"tandem-target: {exc}", file=sys.stderr, flush=True)
-        return 3
-    except BackendIOError as exc:  # e.g. no in-sync replica could be fenced
-        print(f"tandem-target: {exc.args[-1]}", file=sys.stderr, flush=True)
-        return 3
-    except OSError as exc:
-        print(f"tandem-target: cannot serve: {exc}", file=sys.stderr, flush=True)
-        return 3
-    return 0
+    return uvloop.run(run(args))
 
 
 if __name__ == "__main__":

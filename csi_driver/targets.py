@@ -1,9 +1,10 @@
 """Starts and stops the per-volume target processes of this node (``target_main``).
 
-Each target is a child of the node process: its stdout says READY once the NBD export
-serves, its log goes to ``<state_dir>/targets/<volume>.log``, and a reaper task waits for it
-so no zombie is left. A target that exits before READY fails the stage with its last log
-line (e.g. "none of the in-sync replicas could be fenced").
+Each target is a child of the node process: its first stdout line says ``READY`` once the
+NBD export serves, or ``FAILED <reason>`` when the volume cannot be served (e.g. "none of the
+in-sync replicas could be fenced"); its log goes to ``<state_dir>/targets/<volume>.log``, and
+a reaper task waits for it so no zombie is left. The stage never waits on the child's exit:
+a failed target's teardown happens in the background, bounded by STOP_GRACE_S and SIGKILL.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import logging
 import signal
 import sys
 import tempfile
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from csi_driver import errors
 from csi_driver.config import NodeConfig
@@ -35,6 +38,13 @@ class TargetProcesses:
         self._dir.mkdir(parents=True, exist_ok=True)
         self._procs: dict[str, asyncio.subprocess.Process] = {}
         self._spare: asyncio.subprocess.Process | None = None
+        self._preparing = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._tasks.discard)
 
     def socket_path(self, volume_id: str) -> Path:
         path = self._dir / f"{volume_id}.nbd.sock"
@@ -69,8 +79,13 @@ class TargetProcesses:
 
     async def prepare(self) -> None:
         """Keep one warm standby target (imports done) for the next stage."""
-        if self._spare is None or self._spare.returncode is not None:
+        if self._preparing or (self._spare is not None and self._spare.returncode is None):
+            return  # one spare at a time: two racing stages must not leak a second one
+        self._preparing = True
+        try:
             self._spare = await self._spawn(["--standby"])
+        finally:
+            self._preparing = False
 
     async def _launch(self, volume_id: str) -> asyncio.subprocess.Process:
         spare, self._spare = self._spare, None
@@ -89,20 +104,27 @@ class TargetProcesses:
             return self.socket_path(volume_id)
         log_path = self._dir / f"{volume_id}.log"
         proc = await self._launch(volume_id)
-        asyncio.get_running_loop().create_task(self.prepare())
+        self._background(self.prepare())
         try:
             assert proc.stdout is not None
             line = await asyncio.wait_for(proc.stdout.readline(), READY_TIMEOUT_S)
+        except TimeoutError:
+            await self._kill(proc)
+            raise errors.UnavailableError(
+                f"volume {volume_id}: target not ready within {READY_TIMEOUT_S:g} s "
+                f"(killed); its last log line: {_last_line(log_path)}"
+            ) from None
         except BaseException:
             await self._kill(proc)
             raise
         if line.strip() != b"READY":
-            await proc.wait()
+            self._background(self._reap_failed(volume_id, proc))
+            reason = line.decode(errors="replace").strip().removeprefix("FAILED").strip()
             raise errors.UnavailableError(
-                f"volume {volume_id} cannot be served: {_last_line(log_path)}"
+                f"volume {volume_id} cannot be served: {reason or _last_line(log_path)}"
             )
         self._procs[volume_id] = proc
-        asyncio.get_running_loop().create_task(self._reap(volume_id, proc))
+        self._background(self._reap(volume_id, proc))
         log.info("volume=%s node=%s target pid=%d ready", volume_id, self._config.node_id,
                  proc.pid)
         return self.socket_path(volume_id)
@@ -119,6 +141,18 @@ class TargetProcesses:
         proc = self._procs.get(volume_id)
         if proc is not None:
             await self._kill(proc)
+
+    @staticmethod
+    async def _reap_failed(volume_id: str, proc: asyncio.subprocess.Process) -> None:
+        """A failed target releases its claim and exits by itself; SIGKILL it if it hangs."""
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+        except TimeoutError:
+            log.error("volume=%s failed target pid=%d still running after %g s: killed",
+                      volume_id, proc.pid, STOP_GRACE_S)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
 
     @staticmethod
     async def _kill(proc: asyncio.subprocess.Process) -> None:
