@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEMO_DIR ?= /tmp/tandem-demo
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv proto test unit lint demo bench-controller clean
+.PHONY: all deps venv proto test unit lint demo bench-controller image clean
 
 all: test
 
@@ -39,6 +39,10 @@ demo: deps proto
 
 bench-controller: deps proto
 	$(PY) bench/bench_controller.py --dir /tmp/tandem-bench-controller
+
+# The container image (needs a container engine; docs/image.md). IMAGE_ARGS="--load kind" ...
+image:
+	bash scripts/build-image.sh $(IMAGE_ARGS)
 
 clean:
 	rm -rf $(VENV) csi_driver/_gen/*_pb2*.py csi_driver/_gen/*_pb2*.pyi
