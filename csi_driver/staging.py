@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import stat
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -240,9 +241,10 @@ class StagingService:
         if existing:
             top = existing[-1]
             ro_device = staged.read_only_devices.get(target_path)
-            if ro_device is not None and readonly and self._is_device(top, ro_device):
+            if ro_device is not None and readonly and self._is_device(top, ro_device, target_path):
                 return
-            if self._same_source(top, staged) and ("ro" in top.options) == readonly:
+            if (self._is_device(top, staged.device, target_path)
+                    and ("ro" in top.options) == readonly):
                 return
             raise errors.AlreadyExistsError(
                 f"{target_path} is already mounted from another source or with other flags"
@@ -266,15 +268,16 @@ class StagingService:
                                   read_only_devices=ro_devices))
 
     @staticmethod
-    def _is_device(entry: mount.MountEntry, device: str) -> bool:
+    def _is_device(entry: mount.MountEntry, device: str, target_path: str) -> bool:
+        """Whether the mount at ``target_path`` shows ``device``: a filesystem on it, or (a
+        raw block publish) the device node itself, which mountinfo lists as devtmpfs."""
         try:
-            return entry.major_minor == mount.device_numbers(device) or entry.source == device
+            if entry.major_minor == mount.device_numbers(device) or entry.source == device:
+                return True
+            target = os.stat(target_path)
+            return stat.S_ISBLK(target.st_mode) and target.st_rdev == os.stat(device).st_rdev
         except OSError:
             return False
-
-    @classmethod
-    def _same_source(cls, entry: mount.MountEntry, staged: StagedVolume) -> bool:
-        return cls._is_device(entry, staged.device)
 
     async def unpublish(self, volume_id: str, target_path: str) -> None:
         await mount.unmount(target_path)

@@ -23,9 +23,10 @@ CMP = etcd_pb2.Compare
 
 CHANNEL_OPTIONS = [
     # Reconnect quickly after an etcd restart: the default backoff grows to 120 s,
-    # during which every call would fail fast with UNAVAILABLE.
+    # during which every call would fail fast with UNAVAILABLE. Not min_reconnect_backoff:
+    # gRPC core also uses it as the connect timeout (subchannel min_connect_timeout), and
+    # at 100 ms a loaded machine failed first calls with "timed out before SETTINGS".
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
     # Detect half-open connections (partitions) under long-lived watch streams;
     # etcd rejects pings more frequent than every 5 s.
