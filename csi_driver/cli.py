@@ -55,6 +55,10 @@ def cmd_controller(args: argparse.Namespace) -> int:
         etcd=_etcd(args),
         default_replicas=args.default_replicas,
         replace_after_s=args.replace_dead_after,
+        node_down_mode=args.node_down_responder,
+        node_down_grace_s=args.node_down_grace,
+        node_down_max_fraction=args.node_down_max_fraction,
+        kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
     )
     _run(run_controller(config))
     return 0
@@ -98,6 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--default-replicas", type=int, default=3)
     ctl.add_argument("--replace-dead-after", type=float, default=300.0,
                      help="seconds a replica node must stay dead before it is replaced")
+    ctl.add_argument("--node-down-responder", choices=cfg.NODE_DOWN_MODES, default="off",
+                     help="when a node is dead (tandem lease and kubelet Lease both silent): "
+                     "taint it out-of-service, or force-delete its pods that use tandem "
+                     "volumes (docs/node-down-responder.md; needs the 'kubernetes' package)")
+    ctl.add_argument("--node-down-grace", type=float, metavar="SECONDS",
+                     default=cfg.DEFAULT_NODE_DOWN_GRACE_S,
+                     help="how long both must be silent before the responder acts")
+    ctl.add_argument("--node-down-max-fraction", type=float, metavar="FRACTION",
+                     default=cfg.DEFAULT_NODE_DOWN_MAX_FRACTION,
+                     help="refuse to act while more than this fraction of tandem's nodes "
+                     "look dead (likely an etcd or network problem)")
+    ctl.add_argument("--kubeconfig", metavar="PATH",
+                     help="kubeconfig for the responder (default: in-cluster service account)")
     ctl.set_defaults(func=cmd_controller)
 
     node = sub.add_parser("node", help="run the CSI node plugin on this node")

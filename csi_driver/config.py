@@ -17,6 +17,12 @@ DRIVER_VERSION = "0.1.0"
 # the floor of failover time; the owner self-fences 0.5 s before it, so it must also cover
 # etcd hiccups (renewals every TTL/3: two may be missed). Integer seconds (etcd leases).
 DEFAULT_LEASE_TTL_S = 2.0
+# The node-down responder (docs/node-down-responder.md). Grace: 15x the node lease TTL (a
+# node plugin restart or an etcd hiccup is not a death), 3 kubelet Lease renewals (10 s
+# each), and under Kubernetes' node-monitor-grace-period (40 s; 50 s since 1.32).
+NODE_DOWN_MODES = ("off", "taint", "delete-pods")
+DEFAULT_NODE_DOWN_GRACE_S = 30.0
+DEFAULT_NODE_DOWN_MAX_FRACTION = 0.5
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -80,12 +86,25 @@ class ControllerConfig:
     agent_timeout_s: float = 10.0
     creating_grace_s: float = 60.0
     replace_after_s: float = 300.0
+    node_down_mode: str = "off"
+    node_down_grace_s: float = DEFAULT_NODE_DOWN_GRACE_S
+    node_down_max_fraction: float = DEFAULT_NODE_DOWN_MAX_FRACTION
+    kubeconfig: Path | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.default_replicas <= 5:
             raise ConfigError("--default-replicas must be within 1..5")
         if self.replace_after_s <= 0:
             raise ConfigError("--replace-dead-after must be > 0 seconds")
+        if self.node_down_mode not in NODE_DOWN_MODES:
+            raise ConfigError(f"--node-down-responder: expected one of {NODE_DOWN_MODES}, "
+                              f"got {self.node_down_mode!r}")
+        if not 5 <= self.node_down_grace_s <= 3600:
+            raise ConfigError("--node-down-grace must be within 5..3600 s, "
+                              f"got {self.node_down_grace_s}")
+        if not 0 < self.node_down_max_fraction <= 1:
+            raise ConfigError("--node-down-max-fraction must be within (0, 1], "
+                              f"got {self.node_down_max_fraction}")
 
 
 @dataclass(frozen=True)
