@@ -7,9 +7,10 @@ share a machine state:
 
   local       a file in DIR, io_uring (or --local-engine), O_DIRECT
   qemu-nbd    ``qemu-nbd -f raw`` on a file (default writeback cache), fio's nbd engine
-  tandem-r1   a 1-replica tandem volume, ``export_volume`` (target in the root namespace,
-              the replica on its node across the bridge), fio's nbd engine
-  tandem-r3   a 3-replica volume on 3 namespaced nodes, exported the same way
+  tandem-r1   a 1-replica volume staged (block mode) on its replica's node, as kubelet
+              would; fio's nbd engine on that target's export (its replica is local)
+  tandem-r3   a 3-replica volume on 3 namespaced nodes, staged on node-1 the same way
+              (one replica local, written directly; two across the bridge)
   tandem-r3-dev   the 3-replica volume staged in block mode on node-1 (target in node-1's
               namespace, nbdfuse + direct-I/O loop), fio libaio O_DIRECT on the published
               device: end to end
@@ -39,6 +40,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -52,7 +54,6 @@ from csi_driver._gen import csi_pb2
 from csi_driver.attach import FuseLoopAttacher
 from csi_driver.client import CsiClient, block_capability
 from csi_driver.config import TOPOLOGY_KEY
-from csi_driver.export import export_volume
 
 MiB = 1 << 20
 JOBS = (  # name, rw, bs, iodepth
@@ -159,15 +160,6 @@ def fuse_loop(sock: Path, work: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def exported(cluster: Path, volume_id: str, node: str, sock: Path) -> Iterator[int]:
-    handle = asyncio.run(export_volume(cluster, volume_id, node, sock))
-    try:
-        yield handle.pid
-    finally:
-        asyncio.run(handle.stop())
-
-
-@contextlib.contextmanager
 def staged_block(spec: devcluster.ClusterSpec, volume_id: str, node: str,
                  work: Path) -> Iterator[str]:
     """Stage + publish in block mode through the node's CSI service; yields the device."""
@@ -237,28 +229,35 @@ def measure_tandem(args: argparse.Namespace, work: Path, results: Results) -> No
         r3, _ = create_volume(spec, "bench-r3", size, 3)
         nodes = tuple(n.pid for n in spec.nodes)
         for name, volume_id, node in (("tandem-r1", r1, r1_node), ("tandem-r3", r3, "node-1")):
-            say(f"{name} (export as {node}, fio nbd engine)")
-            sock = cluster / f"{name}.sock"
-            with exported(cluster, volume_id, node, sock) as pid:
+            # Staged as kubelet would, on a node holding a replica; fio's nbd engine opens
+            # its own connections to that target's export next to the node's attachment.
+            say(f"{name} (staged on {node}, fio nbd engine on the target's export)")
+            with staged_block(spec, volume_id, node, cluster / f"work-{name}"):
+                sock, pid = staged_target(spec, volume_id, node)
                 results[name] = run_fio(nbd_target(name, sock, pid, nodes), work, size,
                                         args.runtime)
         say("tandem-r3-dev (staged block on node-1, fio libaio on the published device)")
         with staged_block(spec, r3, "node-1", cluster / "work") as device:
-            target = device_target("tandem-r3-dev", device, target_pids(spec, r3), nodes)
+            _, pid = staged_target(spec, r3, "node-1")
+            target = device_target("tandem-r3-dev", device, (pid,), nodes)
             results["tandem-r3-dev"] = run_fio(target, work, size, args.runtime)
     finally:
         devcluster.down(cluster)
 
 
-def target_pids(spec: devcluster.ClusterSpec, volume_id: str) -> tuple[int, ...]:
-    """The pid of the target process a node started for volume_id (for its CPU use)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        with contextlib.suppress(OSError):
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            if b"csi_driver.target_main" in argv and volume_id.encode() in argv:
-                found.append(int(entry.name))
-    return tuple(found)
+def staged_target(spec: devcluster.ClusterSpec, volume_id: str, node: str) -> tuple[Path, int]:
+    """The NBD socket and pid of the target ``node`` runs for the staged ``volume_id``."""
+    state = Path(spec.node(node).state_dir)
+    socks = [state / "targets" / f"{volume_id}.nbd.sock",
+             *Path(tempfile.gettempdir()).glob(f"tandem-*/{volume_id}.sock")]
+    sock = next((s for s in socks if s.is_socket()), None)
+    # The target registered as the direct writer of the node's replica (local_writers).
+    entries = sorted((state / "local-writers").glob(f"{volume_id}.*.writer"),
+                     key=lambda e: int(e.name.rsplit(".", 2)[1]))
+    if sock is None or not entries:
+        raise RuntimeError(f"no running target for {volume_id} on {node} "
+                           f"(socket {sock}, writers {entries})")
+    return sock, int(json.loads(entries[-1].read_text())["pid"])
 
 
 def say(text: str) -> None:

@@ -23,17 +23,20 @@ from csi_driver.attach import choose_attacher
 from csi_driver.config import ControllerConfig, NodeConfig
 from csi_driver.controller import ControllerServicer
 from csi_driver.identity import IdentityServicer
+from csi_driver.kube_api import NodeDownResponder, connect
 from csi_driver.locks import VolumeLocks
 from csi_driver.membership import Membership
 from csi_driver.node import NodeServicer
+from csi_driver.node_down import Policy
 from csi_driver.ownership import Ownership
 from csi_driver.reconciler import Reconciler
 from csi_driver.staging import StagingService
 from csi_driver.state import errors as store_errors
 from csi_driver.state.etcd import EtcdStore
 from csi_driver.state.store import Store
-from csi_driver.targets import TargetProcesses
+from csi_driver.targets import TargetProcesses, local_writers_dir
 from csi_driver.volumes import VolumeService
+from replication.local_writers import LocalWriters
 from replication.pool.base import Pool, open_pool
 from replication.replica_server import ReplicaServer
 
@@ -62,6 +65,8 @@ async def _wait_for_signal() -> None:
 
 
 async def run_controller(config: ControllerConfig) -> None:
+    # First, so a missing package or Kubernetes config stops us before we serve (exit 2).
+    kube = connect(config.kubeconfig) if config.node_down_mode != "off" else None
     store = EtcdStore(list(config.etcd.endpoints), prefix=config.etcd.prefix)
     agents = AgentClients(config.agent_timeout_s)
     locks = VolumeLocks()
@@ -81,10 +86,17 @@ async def run_controller(config: ControllerConfig) -> None:
         store, agents, locks, volumes, config.creating_grace_s, config.replace_after_s,
         time.time, time.monotonic,
     )))
+    responder = None
+    if kube is not None:
+        policy = Policy(config.node_down_mode, config.node_down_grace_s,
+                        config.node_down_max_fraction)
+        responder = asyncio.create_task(NodeDownResponder(store, kube, policy).run_forever())
     try:
         await _wait_for_signal()
     finally:
         reconciler.cancel()
+        if responder is not None:
+            responder.cancel()
         await server.stop(grace=2)
         await agents.close()
         await store.close()
@@ -134,10 +146,18 @@ def _open_pool(config: NodeConfig) -> Pool:
     return open_pool("lvm", vg=config.lvm_vg, thin_pool=config.lvm_thin_pool)
 
 
+def _replica_path(pool: Pool, volume_id: str) -> str | None:
+    try:
+        info = pool.get(volume_id)
+    except (ValueError, OSError):
+        return None
+    return str(info.path) if info is not None else None
+
+
 async def run_node(config: NodeConfig) -> None:
     pool = _open_pool(config)
     store = EtcdStore(list(config.etcd.endpoints), prefix=config.etcd.prefix)
-    targets = TargetProcesses(config)
+    targets = TargetProcesses(config, lambda vid: _replica_path(pool, vid))
     await targets.prepare()
     ownership = Ownership(store, config.node_id, config.lease_ttl_s + CLAIM_WAIT_EXTRA_S)
     staging = StagingService(
@@ -145,7 +165,8 @@ async def run_node(config: NodeConfig) -> None:
     )
     membership = Membership(config, store, pool, staging.staged_count)
     await membership.register()
-    replicas = ReplicaServer(pool, config.state_dir / "replicas", config.node_id)
+    replicas = ReplicaServer(pool, config.state_dir / "replicas", config.node_id,
+                             local_writers=LocalWriters(local_writers_dir(config.state_dir)))
     await sweep_orphans(store, pool, config.node_id)
     await replicas.start(*config.replica_listen)
 

@@ -33,6 +33,8 @@ from csi_driver.state.etcd import EtcdStore, LeaseKeeper
 from csi_driver.state.model import OwnerClaim, VolumeRecord
 from replication.backend import BackendIOError
 from replication.fencing import connect_and_fence, open_volume
+from replication.local_replica import LocalReplica
+from replication.local_writers import LocalWriters
 from replication.nbd_server import NbdServer
 from replication.replica_client import ReplicaClient
 from replication.target import ReplicaEndpoint, ReplicatedBackend
@@ -79,11 +81,18 @@ async def serve(args: argparse.Namespace) -> None:
     claim = OwnerClaim(args.node_id, epoch)
     await store.claim_owner(args.volume_id, claim, lease)
 
+    writers = LocalWriters(args.local_writers_dir) if args.local_replica_path else None
+
     async def connect(endpoint: ReplicaEndpoint) -> ReplicaClient:
         # A replica that does not answer within this is dropped from the ISR (and rebuilt
         # later): a takeover must not wait out a dead node's TCP timeout.
-        return await ReplicaClient.connect(endpoint.host, endpoint.port, args.node_id,
+        if writers is None or endpoint.node_id != args.node_id:
+            return await ReplicaClient.connect(endpoint.host, endpoint.port, args.node_id,
+                                               connect_timeout_s=FENCE_CONNECT_TIMEOUT_S)
+        local = await LocalReplica.connect(endpoint.host, endpoint.port, args.node_id,
                                            connect_timeout_s=FENCE_CONNECT_TIMEOUT_S)
+        local.enable_direct(args.local_replica_path, writers)
+        return local
 
     try:
         backend = await open_volume(
@@ -208,9 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--etcd-prefix", default="/tandem/")
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--lease-ttl", type=float, default=DEFAULT_LEASE_TTL_S)
+    parser.add_argument("--local-replica-path",
+                        help="this node's replica of the volume, for direct I/O (the node "
+                        "passes it only with --local-writers-dir, its fencing registry)")
+    parser.add_argument("--local-writers-dir")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-file", help="append logs (stderr) here")
     args = parser.parse_args(argv)
+    if args.local_replica_path and not args.local_writers_dir:
+        parser.error("--local-replica-path needs --local-writers-dir (the fencing registry)")
     if args.log_file:
         with open(args.log_file, "ab") as log_file:
             os.dup2(log_file.fileno(), sys.stderr.fileno())

@@ -17,7 +17,7 @@ import logging
 import signal
 import sys
 import tempfile
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,12 @@ STOP_GRACE_S = 15.0
 
 
 class TargetProcesses:
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig,
+                 local_replica: Callable[[str], str | None] = lambda _volume_id: None) -> None:
+        """``local_replica(volume_id)``: the path of this node's replica of the volume, if
+        any; the target then does its I/O on it directly (fenced through local_writers)."""
         self._config = config
+        self._local_replica = local_replica
         self._dir = config.state_dir / "targets"
         self._dir.mkdir(parents=True, exist_ok=True)
         self._procs: dict[str, asyncio.subprocess.Process] = {}
@@ -62,13 +66,18 @@ class TargetProcesses:
 
     def _argv(self, volume_id: str) -> list[str]:
         c = self._config
-        return [
+        argv = [
             "--volume-id", volume_id, "--node-id", c.node_id,
             "--socket", str(self.socket_path(volume_id)),
             "--etcd-endpoints", ",".join(c.etcd.endpoints), "--etcd-prefix", c.etcd.prefix,
             "--state-dir", str(self._dir), "--lease-ttl", str(c.lease_ttl_s),
             "--log-file", str(self._dir / f"{volume_id}.log"),
         ]
+        local = self._local_replica(volume_id)
+        if local is not None:
+            argv += ["--local-replica-path", local,
+                     "--local-writers-dir", str(local_writers_dir(c.state_dir))]
+        return argv
 
     async def _spawn(self, args: list[str]) -> asyncio.subprocess.Process:
         with open(self._dir / "standby.log", "ab") as log_file:
@@ -170,6 +179,12 @@ class TargetProcesses:
         spare, self._spare = self._spare, None
         if spare is not None:
             await self._kill(spare)
+
+
+def local_writers_dir(state_dir: Path) -> Path:
+    """Where this node's targets register as direct writers of its replicas (the replica
+    server reads it when fencing)."""
+    return state_dir / "local-writers"
 
 
 def _last_line(path: Path) -> str:

@@ -90,6 +90,18 @@ class SyncFastPath(Protocol):
     def write_now(self, offset: int, data: Payload) -> bool: ...
 
 
+@runtime_checkable
+class CallbackWritePath(Protocol):
+    """Optional: start a write now and be told when it is done, without a task per write.
+
+    ``done(None)`` once the write may be acknowledged, ``done(error)`` if it must fail;
+    called later from the event loop (or at once). False: not started, use ``write``.
+    """
+
+    def write_soon(self, offset: int, data: Payload, fua: bool,
+                   done: Callable[[BackendIOError | None], None]) -> bool: ...
+
+
 def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)

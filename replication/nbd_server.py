@@ -28,7 +28,13 @@ from collections.abc import Callable
 from typing import Final, cast
 
 from replication import nbd as wire
-from replication.backend import BackendIOError, BlockBackend, FileBackend, SyncFastPath
+from replication.backend import (
+    BackendIOError,
+    BlockBackend,
+    CallbackWritePath,
+    FileBackend,
+    SyncFastPath,
+)
 from replication.nbd import (
     Disconnect,
     Event,
@@ -81,6 +87,9 @@ class _Connection(asyncio.Protocol):
         self._server = server
         self._backend = server.backend
         self._fast = server.backend if isinstance(server.backend, SyncFastPath) else None
+        backend = server.backend
+        self._soon = backend if isinstance(backend, CallbackWritePath) else None
+        self._soon_in_flight = 0  # callback-path writes not answered yet
         self._nbd = NbdServerConnection(
             server.backend.size, server.export_name, multi_conn=server.multi_conn
         )
@@ -119,10 +128,13 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         events = self._nbd.receive_data(data)
         out = self._nbd.data_to_send()
-        fast = self._fast
+        fast, soon = self._fast, self._soon
         for ev in events:
-            # The hot path: a small write or read is answered inline, and all the
-            # replies of one received batch leave in one writelines.
+            # The hot paths: a small write or read is answered inline (all the replies of
+            # one received batch leave in one writelines), or a write is started with a
+            # callback instead of a task (replicated writes).
+            if soon is not None and isinstance(ev, WriteRequest) and self._start_soon(soon, ev):
+                continue
             handled = (
                 fast is not None
                 and isinstance(ev, (WriteRequest, ReadRequest))
@@ -158,6 +170,26 @@ class _Connection(asyncio.Protocol):
             data, err = None, nbd_error(exc)
         out += self._nbd.reply(ev.handle, err, data)
         return True
+
+    def _start_soon(self, soon: CallbackWritePath, ev: WriteRequest) -> bool:
+        if self._backlog:  # keep the in-flight caps: behind the queue, like every request
+            return False
+        self._soon_in_flight += 1
+        handle = ev.handle
+        if soon.write_soon(ev.offset, ev.data, ev.fua, lambda exc: self._soon_done(handle, exc)):
+            return True
+        self._soon_in_flight -= 1
+        return False
+
+    def _soon_done(self, handle: int, exc: BackendIOError | None) -> None:
+        self._soon_in_flight -= 1
+        err = 0
+        if exc is not None:
+            err = nbd_error(exc)
+            log.warning("nbd request failed request=WriteRequest errno=%d", exc.errno)
+        self._queue_reply(self._nbd.reply(handle, err, None))
+        if self._draining:
+            self._maybe_finish()
 
     def _dispatch(self, ev: Event) -> None:
         if isinstance(ev, Request):
@@ -244,7 +276,8 @@ class _Connection(asyncio.Protocol):
             self._maybe_finish()
 
     def _maybe_finish(self) -> None:
-        if not self._tasks and not self._backlog and self._transport is not None:
+        if (not self._tasks and not self._soon_in_flight and not self._backlog
+                and self._transport is not None):
             self._send_pending()  # replies still waiting for this tick's flush
             self._transport.close()
 

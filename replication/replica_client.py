@@ -20,7 +20,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Self, cast
 
 from replication.errors import (
     ReplicaStatusError,
@@ -136,7 +136,7 @@ class ReplicaClient:
         connect_timeout_s: float = 3.0,
         request_timeout_s: float = 5.0,
         user_timeout_ms: int = 3000,
-    ) -> ReplicaClient:
+    ) -> Self:
         """Connect and HELLO. Raises ReplicaUnavailableError if the replica cannot be
         reached in time, ReplicaStatusError if it refuses the HELLO (e.g. AUTH_FAILED)."""
         client = cls((host, port), request_timeout_s, user_timeout_ms)
@@ -213,6 +213,10 @@ class ReplicaClient:
         self, volume_id: str, epoch: int, offset: int, length: int
     ) -> asyncio.Future[Response]:
         return self._submit(Op.READ, volume_id, epoch, offset, length)
+
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        """The data at once if this replica can read it without the network, else None."""
+        return None
 
     def flush(self, volume_id: str, epoch: int) -> asyncio.Future[Response]:
         return self._submit(Op.FLUSH, volume_id, epoch)

@@ -14,10 +14,12 @@ requests back until it completes, so two replicas fed the same stream end up ide
 Syncs (FLUSH, FUA) are ``Deferred`` without a barrier: they change no content, and every
 write received before them has already been applied.
 
-Epochs: FENCE(E) raises the durable fence to E (E below it: STALE_EPOCH). WRITE, TRIM,
-WRITE_ZEROES, FLUSH and SETTLE need epoch == fence > 0; READ, STAT and CHECKSUM also accept
-epoch 0 (an observer, e.g. a verify tool). Below the fence: STALE_EPOCH; above it: INVALID
-("not fenced yet": the owner must FENCE first). Every reply carries the fenced epoch.
+Epochs: FENCE(E) raises the durable fence to E (E below it: STALE_EPOCH), then ends any
+process still writing the replica directly below E (``local_writers``) before it answers.
+WRITE, TRIM, WRITE_ZEROES, FLUSH and SETTLE need epoch == fence > 0; READ, STAT and
+CHECKSUM also accept epoch 0 (an observer, e.g. a verify tool). Below the fence:
+STALE_EPOCH; above it: INVALID ("not fenced yet": the owner must FENCE first). Every reply
+carries the fenced epoch.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from replication.errors import ReplicaNotFoundError, ReplicationError
+from replication.local_writers import LocalWriters, WriterStillAlive
 from replication.messages import (
     Buffer,
     ChecksumSpec,
@@ -82,9 +85,13 @@ def _fail(status: Status, epoch: int, message: str) -> Result:
 class ReplicaEngine:
     """Applies requests to every replica of ``pool``; all its state lives on one event loop."""
 
-    def __init__(self, pool: Pool, meta_dir: str | os.PathLike[str], node_id: str) -> None:
+    def __init__(
+        self, pool: Pool, meta_dir: str | os.PathLike[str], node_id: str,
+        local_writers: LocalWriters | None = None,
+    ) -> None:
         self.node_id = node_id
         self._pool = pool
+        self._writers = local_writers
         self._store = MetaStore(meta_dir)
         self._replicas: dict[str, _Replica] = {}
 
@@ -260,9 +267,24 @@ class ReplicaEngine:
             return self._offload(rep, req, _digests, req.offset, req.length, spec, barrier=True)
         return Status.OK, rep.meta.fenced_epoch, _digests(rep.fd, req.offset, req.length, spec)
 
-    def _fence(self, rep: _Replica, req: Request) -> Result:
+    def _fence(self, rep: _Replica, req: Request) -> Result | Deferred:
         rep.meta.fence(req.epoch)  # _check refused lower epochs; this persists before reply
-        return Status.OK, rep.meta.fenced_epoch, b""
+        stale = self._writers.stale(rep.volume_id, req.epoch) if self._writers else []
+        if not stale:
+            return Status.OK, rep.meta.fenced_epoch, b""
+        writers = self._writers
+        assert writers is not None
+
+        async def work() -> Result:
+            # The durable fence is up already (TCP requests below it are refused); a process
+            # writing the replica through its own descriptor is ended before we say "fenced".
+            try:
+                await writers.end(stale)
+            except WriterStillAlive as exc:
+                return _fail(Status.EIO, rep.meta.fenced_epoch, str(exc))
+            return Status.OK, rep.meta.fenced_epoch, b""
+
+        return Deferred(work(), barrier=True)
 
     def _stat(self, rep: _Replica, req: Request) -> Result:
         info = self._pool.get(rep.volume_id)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
+from replication.local_writers import LocalWriters
 from replication.messages import Buffer, Hello, Op, ProtocolErrorEvent, Request, Role, Status
 from replication.pool.base import Pool
 from replication.protocol import Connection
@@ -44,11 +45,12 @@ class ReplicaServer:
         node_id: str,
         *,
         authenticate: Callable[[bytes], bool] | None = None,
+        local_writers: LocalWriters | None = None,
     ) -> None:
         self.node_id = node_id
         self.hello = Hello(node_id).encode()  # validates the node id now, not per client
         self.authenticate = authenticate
-        self.engine = ReplicaEngine(pool, meta_dir, node_id)
+        self.engine = ReplicaEngine(pool, meta_dir, node_id, local_writers)
         self.connections: set[_ServerConnection] = set()
         self._server: asyncio.Server | None = None
         self._housekeeping: asyncio.TimerHandle | None = None
@@ -235,7 +237,9 @@ async def _serve(args: argparse.Namespace, pool: Pool) -> None:
     if args.token_file:
         token = Path(args.token_file).read_bytes().strip()
         authenticate = lambda got: hmac.compare_digest(got, token)  # noqa: E731
-    server = ReplicaServer(pool, Path(args.meta_dir), args.node_id, authenticate=authenticate)
+    writers = LocalWriters(args.local_writers_dir) if args.local_writers_dir else None
+    server = ReplicaServer(pool, Path(args.meta_dir), args.node_id, authenticate=authenticate,
+                           local_writers=writers)
     host, port = args.listen
     await server.start(host, port)
     stop = asyncio.Event()
@@ -260,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", required=True, type=_parse_listen, help="HOST:PORT")
     parser.add_argument("--node-id", required=True)
     parser.add_argument("--token-file", help="clients must present this HELLO token")
+    parser.add_argument("--local-writers-dir",
+                        help="registry of processes writing replicas directly (ended on fence)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(

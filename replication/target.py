@@ -41,6 +41,9 @@ from replication.resync import Resync
 log = logging.getLogger(__name__)
 
 MAX_INFLIGHT_BYTES = 64 << 20
+# Callback-path writes in flight per volume: well under a replica connection's request cap
+# (messages.DEFAULT_MAX_IN_FLIGHT), which resync traffic shares.
+MAX_CALLBACK_WRITES = 1024
 RETRY_CONVERGE_S = 5.0
 
 
@@ -90,6 +93,62 @@ class _ByteBudget:
                 waiter.set_result(None)
 
 
+WriteDone = Callable[[BackendIOError | None], None]
+
+
+class _WriteJoin:
+    """One callback-path write: calls ``done`` once every member of its write set answered."""
+
+    __slots__ = ("_backend", "_futures", "_left", "done", "length", "members", "offset")
+
+    def __init__(self, backend: ReplicatedBackend, members: list[str],
+                 futures: list[asyncio.Future[Response]], offset: int, length: int,
+                 done: WriteDone) -> None:
+        self._backend = backend
+        self.members = members
+        self._futures = futures
+        self.offset = offset
+        self.length = length
+        self.done = done
+        left = 0
+        for fut in futures:
+            if not fut.done():  # a direct local write is done already
+                left += 1
+                fut.add_done_callback(self._answered)
+        self._left = left
+        if not left:
+            self._finish()
+
+    def _answered(self, _fut: asyncio.Future[Response]) -> None:
+        self._left -= 1
+        if not self._left:
+            self._finish()
+
+    def _finish(self) -> None:
+        results: list[Response | BaseException] = []
+        ok = True
+        for fut in self._futures:
+            if fut.cancelled():
+                results.append(asyncio.CancelledError())
+                ok = False
+                continue
+            exc = fut.exception()
+            result = exc if exc is not None else fut.result()
+            ok = ok and type(result) is Response and result.status is Status.OK
+            results.append(result)
+        backend = self._backend
+        if not ok:
+            backend._join_failed(self, results)
+            return
+        backend._join_finished(self.length)
+        try:
+            backend._check_serving()
+        except BackendIOError as exc:
+            self.done(exc)
+            return
+        self.done(None)
+
+
 class ReplicatedBackend:
     def __init__(
         self, volume_id: str, epoch: int, size: int, clients: dict[str, ReplicaClient],
@@ -111,6 +170,9 @@ class ReplicatedBackend:
         self._budget = _ByteBudget(MAX_INFLIGHT_BYTES)
         self._members: list[str] | None = None
         self._ops: set[asyncio.Future[list[Response | BaseException]]] = set()
+        self._joins = 0  # callback-path writes in flight (write_soon)
+        self._idle: list[asyncio.Future[None]] = []  # quiesce() waiting for _joins == 0
+        self._tasks: set[asyncio.Task[None]] = set()
         self._open_gate = asyncio.Event()
         self._open_gate.set()
         self.fenced: str | None = None
@@ -162,6 +224,12 @@ class ReplicatedBackend:
             results = await gathered
         finally:
             self._ops.discard(gathered)
+        await self._conclude(members, results, offset, length)
+
+    async def _conclude(self, members: Sequence[str], results: Sequence[Response | BaseException],
+                        offset: int, length: int) -> None:
+        """Act on one request's answers: drop the replicas that failed (ISR by CAS) or fence
+        ourselves; raises BackendIOError if the request must not be acknowledged."""
         failed: list[str] = []
         for node, result in zip(members, results, strict=True):
             if isinstance(result, Response):
@@ -188,6 +256,65 @@ class ReplicatedBackend:
         finally:
             self._budget.release(n)
 
+    def write_soon(self, offset: int, data: Payload, fua: bool, done: WriteDone) -> bool:
+        """The callback write path (no task, no gather): send ``data`` to the write set now
+        and call ``done(None)`` once every member acknowledged it, or ``done(error)``. False
+        (nothing sent) when it cannot start at once: then use ``write``."""
+        n = len(data)
+        if not self._open_gate.is_set() or self.fenced is not None:
+            return False
+        if self._joins >= MAX_CALLBACK_WRITES:  # the NBD side's task cap does not see these
+            return False
+        if not self._budget.try_acquire(n):
+            return False
+        try:
+            self._check_serving()
+        except BackendIOError:
+            self._budget.release(n)
+            return False  # ``write`` raises it for this request
+        members = self._write_set()
+        try:
+            clients = [self._clients[m] for m in members]
+        except KeyError:  # a member is being dropped right now: the slow path sorts it out
+            self._budget.release(n)
+            return False
+        crc = zlib.crc32(data)
+        volume_id, epoch = self.volume_id, self.epoch
+        futures = [c.write(volume_id, epoch, offset, data, fua=fua, payload_crc=crc)
+                   for c in clients]
+        for bitmap in self._bitmaps.values():
+            bitmap.mark(offset, n)
+        self._joins += 1
+        _WriteJoin(self, members, futures, offset, n, done)
+        return True
+
+    def _join_finished(self, length: int) -> None:
+        self._budget.release(length)
+        self._joins -= 1
+        if not self._joins:
+            waiters, self._idle = self._idle, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def _join_failed(self, join: _WriteJoin, results: list[Response | BaseException]) -> None:
+        async def conclude() -> None:
+            try:
+                await self._conclude(join.members, results, join.offset, join.length)
+            except BackendIOError as exc:
+                join.done(exc)
+            except Exception as exc:  # never leave the NBD request unanswered
+                log.exception("%s write failure handling crashed", self._ctx())
+                join.done(BackendIOError(errno.EIO, f"write failed: {exc}"))
+            else:
+                join.done(None)
+            finally:
+                self._join_finished(join.length)
+
+        task = asyncio.get_running_loop().create_task(conclude())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def trim(self, offset: int, length: int) -> None:
         await self._fan_out(lambda c: c.trim(self.volume_id, self.epoch, offset, length),
                             offset, length)
@@ -206,6 +333,19 @@ class ReplicatedBackend:
     async def read(self, offset: int, length: int) -> bytes:
         self._check_serving()
         return await self.read_source(offset, length)
+
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        """SyncFastPath: a read the local in-sync replica answers from its descriptor."""
+        if not self._open_gate.is_set() or self.fenced is not None or not self._isr:
+            return None
+        client = self._clients.get(self._isr[0])
+        if client is None:
+            return None
+        self._check_serving()
+        return client.read_now(offset, length)
+
+    def write_now(self, offset: int, data: Payload) -> bool:
+        return False  # never synchronous: remote replicas answer later (see write_soon)
 
     async def read_source(self, offset: int, length: int) -> bytes:
         """Read from the first ISR replica; a failing one is dropped and the next tried."""
@@ -234,6 +374,10 @@ class ReplicatedBackend:
         """Wait until every write issued so far has been answered by every replica."""
         if self._ops:
             await asyncio.gather(*list(self._ops), return_exceptions=True)
+        while self._joins:  # callback-path writes (none start while the gate is closed)
+            waiter = asyncio.get_running_loop().create_future()
+            self._idle.append(waiter)
+            await waiter
 
     @contextlib.asynccontextmanager
     async def writes_paused(self) -> AsyncIterator[None]:
@@ -405,6 +549,8 @@ class ReplicatedBackend:
         await asyncio.gather(*futures, return_exceptions=True)
 
     def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
         for _, task in self._resyncs.values():
             task.cancel()
         self._resyncs.clear()

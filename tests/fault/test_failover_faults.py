@@ -11,9 +11,13 @@ marked ``slow`` (``--run-slow``); replica-side faults are in test_replica_faults
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
+import signal
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -118,6 +122,45 @@ def test_owner_cut_off_from_etcd_only_self_fences_within_its_lease(fault: Fault)
           f"{takeover.staged_at - cut_at:.2f} s")
     refused = [w for w in log.writes() if w.writer == old.writer and not w.acked]
     assert refused, "the old owner's writer saw no failure: did it stop writing?"
+    assert_clean(new_dev, log)
+    assert_replicas_match(fault.spec, vid, new_dev)
+
+
+def _direct_writer_pid(fault: Fault, node_id: str, vid: str, epoch: int) -> int:
+    """The pid the node's target registered as direct writer of its local replica."""
+    entry = fault.dir / "state" / node_id / "local-writers" / f"{vid}.{epoch}.writer"
+    assert wait_for(entry.exists, 10), f"{node_id}'s target did not register {entry.name}"
+    return int(json.loads(entry.read_text())["pid"])
+
+
+def test_paused_old_owner_with_direct_io_is_ended_by_the_fence(fault: Fault) -> None:
+    """The owner's target writes its local replica through its own descriptor. Frozen
+    mid-write (SIGSTOP: its lease lapses, its node stays up), it is taken over elsewhere;
+    the new owner's FENCE of that node's replica must end the frozen process before it is
+    acknowledged, so it can never write the replica after the takeover (I3)."""
+    vid, (old_node, new_node, _) = fault.create()
+    old_dev = fault.stage_publish(old_node, vid)
+    epoch = fault.record(vid).epoch
+    pid = _direct_writer_pid(fault, old_node, vid, epoch)
+    log = WriterLog()
+    old = start_writer(old_dev, log)
+    try:
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGSTOP)
+        takeover, new_dev = fault.take_over(new_node, vid)
+        log.mark_takeover(takeover.staged_at, {old.writer})
+        # The fence that let the takeover finish ended the frozen writer: it is gone (a
+        # zombie at most, until its node reaps it), not merely stopped.
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] \
+            if Path(f"/proc/{pid}/stat").exists() else "gone"
+        assert state in ("Z", "X", "gone"), f"old target pid {pid} survived the fence: {state}"
+        record = fault.record(vid)
+        assert old_node in record.isr, "the old owner's replica was fenced, so it stays in sync"
+        assert write_one(new_dev, log, new_writer_id(), 0, 1) is not None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        assert old.stop(), "old writer stuck in I/O"
     assert_clean(new_dev, log)
     assert_replicas_match(fault.spec, vid, new_dev)
 

@@ -41,8 +41,10 @@ _T = TypeVar("_T")
 class ServerProcess:
     """One replica server process over ``base``/pool and ``base``/meta."""
 
-    def __init__(self, base: Path, token_file: Path | None = None) -> None:
+    def __init__(self, base: Path, token_file: Path | None = None,
+                 local_writers: Path | None = None) -> None:
         self.base = base
+        self.local_writers = local_writers
         self.pool = FilePool(base / "pool", 1 << 30)
         self.token_file = token_file
         self.proc: subprocess.Popen[bytes] | None = None
@@ -55,6 +57,7 @@ class ServerProcess:
         argv += ["--meta-dir", str(self.base / "meta"), "--node-id", "node-b"]
         argv += ["--listen", f"127.0.0.1:{self.port}"]  # 0 first, then the same port again
         argv += ["--token-file", str(self.token_file)] if self.token_file else []
+        argv += ["--local-writers-dir", str(self.local_writers)] if self.local_writers else []
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=log)
         assert self.proc.stdout is not None
