@@ -195,7 +195,9 @@ async def run_node(config: NodeConfig) -> None:
     finally:
         renewer.cancel()
         sweeper.cancel()
-        await targets.close_standby()  # staged volumes' targets keep running
+        # Staged volumes' targets are left running (outside Kubernetes; in a pod they die with
+        # PID 1): a new node process finds their direct-writer registrations when fencing.
+        await targets.close_standby()
         await csi_server.stop(grace=2)
         await agent_server.stop(grace=2)
         await replicas.close()

@@ -2,7 +2,7 @@
 
 ``cluster`` is one dev cluster per module (etcd, a controller, three node processes in their
 own network namespaces, file pools; lease TTL 2 s so takeovers are quick); ``cluster_ttl5``
-has the default 5 s lease, so a short etcd outage fits in it. ``fault`` / ``fault_ttl5`` give
+has a 5 s lease, so a short etcd outage fits in it. ``fault`` / ``fault_ttl5`` give
 each test a ``Fault`` harness that records what the test creates (volumes, stagings, a
 stopped etcd) and, at teardown, starts etcd, heals every partition, revives every dead node,
 unstages and deletes everything, so one failed test cannot poison the next. Leaks (mounts,
@@ -105,7 +105,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devcluster.Clu
 
 @pytest.fixture(scope="module")
 def cluster_ttl5(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devcluster.ClusterSpec]:
-    """The default 5 s lease: an etcd outage of a second or two fits in it."""
+    """A 5 s lease (default 2 s): an etcd outage of a second or two fits in it."""
     with running_cluster(tmp_path_factory, "fault-ttl5", 5.0) as spec:
         yield spec
 
