@@ -20,7 +20,7 @@ from replication.local_replica import LocalReplica
 from replication.local_writers import LocalWriters
 from replication.messages import StatInfo, Status
 from replication.replica_client import ReplicaClient, expect_ok
-from tests.integration.test_replica_server import VOL, ServerProcess, connect, run
+from tests.integration.test_replica_server import VOL, ServerProcess, connect, run, serving
 
 pytestmark = pytest.mark.integration
 
@@ -29,13 +29,7 @@ SIZE = 16 << 20
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    srv = ServerProcess(tmp_path, local_writers=tmp_path / "writers")
-    srv.pool.create(VOL, SIZE)
-    try:
-        srv.start()
-        yield srv
-    finally:
-        srv.kill()
+    yield from serving(ServerProcess(tmp_path, local_writers=tmp_path / "writers"), SIZE)
 
 
 def replica_path(srv: ServerProcess) -> str:

@@ -83,15 +83,19 @@ class ServerProcess:
         self.proc = None
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    srv = ServerProcess(tmp_path)
-    srv.pool.create(VOL, SIZE)
+def serving(srv: ServerProcess, size: int = SIZE) -> Iterator[ServerProcess]:
+    """Create the test replica, start ``srv``, yield it, always kill it."""
+    srv.pool.create(VOL, size)
     try:
         srv.start()
         yield srv
     finally:
         srv.kill()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    yield from serving(ServerProcess(tmp_path))
 
 
 def run(coro: Coroutine[Any, Any, _T]) -> _T:

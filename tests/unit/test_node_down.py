@@ -86,6 +86,11 @@ class Sim:
             return None
         return TandemView(frozenset(self.tandem_live), frozenset(self.referenced))
 
+    def advance(self, start: int, stop: int) -> None:
+        """One round per second from ``start`` up to (not including) ``stop``."""
+        for t in range(start, stop):
+            self.round(float(t))
+
     def round(self, at: float, apply: bool = True) -> tuple[nd.Action, ...]:
         self.now = at
         nodes, view = self.kube(), self.view()
@@ -145,8 +150,7 @@ def test_dead_node_is_tainted_after_grace_and_not_before() -> None:
 def test_idempotent_once_tainted() -> None:
     sim = cluster()
     sim.kill("n2")
-    for t in range(1, 32):
-        sim.round(float(t))
+    sim.advance(1, 32)
     assert "n2" in sim.tainted and "n2" in sim.ours
     for t in range(32, 100):
         assert sim.round(float(t)) == ()
@@ -155,8 +159,7 @@ def test_idempotent_once_tainted() -> None:
 def test_same_state_twice_gives_the_same_actions_until_applied() -> None:
     sim = cluster()
     sim.kill("n2")
-    for t in range(1, 31):
-        sim.round(float(t))
+    sim.advance(1, 31)
     first = writes(sim.round(31.0, apply=False))  # the API call failed: nothing changed
     assert writes(sim.round(32.0, apply=False)) == first == writes(sim.round(33.0))
     assert first == [ApplyTaint("n2")]
@@ -166,8 +169,7 @@ def test_same_state_twice_gives_the_same_actions_until_applied() -> None:
 def test_live_again_removes_our_taint_only() -> None:
     sim = cluster()
     sim.kill("n2")
-    for t in range(1, 32):
-        sim.round(float(t))
+    sim.advance(1, 32)
     sim.revive("n2")
     actions = sim.round(40.0)
     assert kinds(actions) == [("RemoveTaint", "n2"), ("Event", "n2")]
@@ -181,8 +183,7 @@ def test_tandem_live_is_enough_to_remove_our_taint() -> None:
     """The kubelet may come back later than the node plugin; tandem live is the signal."""
     sim = cluster()
     sim.kill("n2")
-    for t in range(1, 32):
-        sim.round(float(t))
+    sim.advance(1, 32)
     sim.tandem_live.add("n2")
     assert kinds(writes(sim.round(40.0))) == [("RemoveTaint", "n2")]
 
@@ -204,8 +205,7 @@ def test_admin_taint_never_removed_and_never_claimed() -> None:
 def test_our_taint_removed_by_someone_while_down_is_not_reapplied() -> None:
     sim = cluster()
     sim.kill("n2")
-    for t in range(1, 32):
-        sim.round(float(t))
+    sim.advance(1, 32)
     sim.tainted.discard("n2")  # an admin removed the taint, our annotation stays
     for t in range(32, 100):
         assert sim.round(float(t)) == ()
@@ -216,8 +216,7 @@ def test_our_taint_removed_by_someone_while_down_is_not_reapplied() -> None:
 def test_grace_restarts_when_the_node_comes_back() -> None:
     sim = cluster()
     sim.kill("n2")
-    for t in range(1, 25):
-        sim.round(float(t))
+    sim.advance(1, 25)
     sim.revive("n2")
     sim.round(25.0)
     sim.kill("n2")
@@ -279,8 +278,7 @@ def test_kubelet_silence_threshold_is_at_least_half_its_lease() -> None:
 def test_a_controller_restart_only_delays() -> None:
     sim = cluster()
     sim.kill("n2")
-    for t in range(1, 20):
-        sim.round(float(t))
+    sim.advance(1, 20)
     sim.memory = Memory()  # restarted: n2 is known only through the volume records now
     sim.referenced = {"n2"}
     for t in range(20, 50):
@@ -334,8 +332,7 @@ def test_memory_forgets_nodes_that_are_live_again() -> None:
 def test_etcd_unreachable_is_no_decision() -> None:
     sim = cluster()
     sim.kill("n2")
-    for t in range(1, 20):
-        sim.round(float(t))
+    sim.advance(1, 20)
     sim.etcd_down = True
     before = sim.memory
     for t in range(20, 200):
@@ -373,16 +370,14 @@ def test_exactly_the_fraction_is_allowed() -> None:
     sim = cluster(n=4)
     sim.kill("n1")
     sim.kill("n2")
-    for t in range(1, 31):
-        sim.round(float(t))
+    sim.advance(1, 31)
     assert kinds(writes(sim.round(31.0))) == [("ApplyTaint", "n1"), ("ApplyTaint", "n2")]
 
 
 def test_cap_counts_nodes_already_tainted() -> None:
     sim = cluster(n=4)
     sim.kill("n1")
-    for t in range(1, 32):
-        sim.round(float(t))
+    sim.advance(1, 32)
     assert sim.tainted == {"n1"}
     sim.kill("n2")
     sim.kill("n3")
@@ -394,8 +389,7 @@ def test_cap_counts_nodes_already_tainted() -> None:
 def test_refusal_still_removes_taints_of_nodes_that_are_back() -> None:
     sim = cluster(n=4)
     sim.kill("n1")
-    for t in range(1, 32):
-        sim.round(float(t))
+    sim.advance(1, 32)
     sim.tandem_live.add("n1")  # n1 is back, three others die
     for name in ("n2", "n3", "n4"):
         sim.kill(name)
@@ -407,15 +401,13 @@ def test_refusal_warns_again_after_it_ended() -> None:
     sim = cluster(n=3)
     sim.kill("n1")
     sim.kill("n2")
-    for t in range(1, 31):
-        sim.round(float(t))
+    sim.advance(1, 31)
     assert len(sim.round(31.0)) == 2
     sim.revive("n2")
     sim.round(32.0)  # n1 alone is within the cap: tainted
     assert sim.tainted == {"n1"}
     sim.kill("n2")
-    for t in range(33, 63):
-        sim.round(float(t))
+    sim.advance(33, 63)
     assert kinds(sim.round(63.0)) == [("Event", "n2")]
 
 
@@ -430,8 +422,7 @@ def test_fraction_one_allows_all() -> None:
     sim = cluster(Policy("taint", grace_s=30.0, max_fraction=1.0), n=2)
     sim.kill("n1")
     sim.kill("n2")
-    for t in range(1, 31):
-        sim.round(float(t))
+    sim.advance(1, 31)
     assert kinds(writes(sim.round(31.0))) == [("ApplyTaint", "n1"), ("ApplyTaint", "n2")]
 
 
@@ -459,8 +450,7 @@ def test_delete_pods_catches_pods_that_land_on_the_dead_node_later() -> None:
     sim = cluster(DELETE)
     sim.pods["n2"] = [pod("db-0")]
     sim.kill("n2")
-    for t in range(1, 33):
-        sim.round(float(t))
+    sim.advance(1, 33)
     assert sim.pods["n2"] == []
     sim.pods["n2"] = [replace(pod("db-0"), pod=PodRef("ns", "db-0", "uid-new"))]
     actions = sim.round(33.0)
@@ -525,8 +515,7 @@ def test_every_event_follows_its_action_for_the_same_node() -> None:
     sim = cluster(n=6)
     sim.kill("n2")
     sim.kill("n5")
-    for t in range(1, 31):
-        sim.round(float(t))
+    sim.advance(1, 31)
     actions = sim.round(31.0)
     assert kinds(actions) == [("ApplyTaint", "n2"), ("Event", "n2"), ("ApplyTaint", "n5"),
                               ("Event", "n5")]
