@@ -44,7 +44,7 @@ class LocalReplica(ReplicaClient):
         self._epoch = 0
         self._via_server = 0  # content ops sent through the server and not answered yet
         self._marked_dirty = False
-        self._ok: dict[Op, Response] = {}
+        self._write_ok = Response(Op.WRITE, 0)  # shared: it is frozen
 
     def enable_direct(self, path: str, writers: LocalWriters) -> None:
         self._path = path
@@ -88,7 +88,7 @@ class LocalReplica(ReplicaClient):
             self._unregister()
             return check
         self._fd, self._epoch = fd, epoch
-        self._ok = {op: Response(op, 0, Status.OK, epoch) for op in (Op.WRITE, Op.READ)}
+        self._write_ok = Response(Op.WRITE, 0, Status.OK, epoch)
         log.info("volume=%s epoch=%d local replica %s opened for direct I/O",
                  volume_id, epoch, self._path)
         return response
@@ -108,19 +108,20 @@ class LocalReplica(ReplicaClient):
     def _answered(self, _fut: asyncio.Future[Response]) -> None:
         self._via_server -= 1
 
-    def _done(self, op: Op, status: Status = Status.OK,
-              message: str = "") -> asyncio.Future[Response]:
+    def _resolved(self, response: Response) -> asyncio.Future[Response]:
         fut: asyncio.Future[Response] = self._loop.create_future()
-        if status is Status.OK:
-            fut.set_result(self._ok[op])
-        else:
-            fut.set_result(Response(op, 0, status, self._epoch, message.encode()[:1024]))
+        fut.set_result(response)
         return fut
 
-    def _failed(self, op: Op, exc: OSError) -> asyncio.Future[Response]:
+    def _failure(self, op: Op, exc: OSError) -> Response:
         status = Status.ENOSPC if exc.errno == errno.ENOSPC else Status.EIO
         log.error("local replica %s: direct %s failed: %s", self._path, op.name, exc)
-        return self._done(op, status, f"{op.name} failed: {exc}")
+        return Response(op, 0, status, self._epoch, f"{op.name} failed: {exc}".encode()[:1024])
+
+    def _read_response(self, data: bytes, length: int) -> Response:
+        if len(data) != length:
+            return Response(Op.READ, 0, Status.EIO, self._epoch, b"short read")
+        return Response(Op.READ, 0, Status.OK, self._epoch, data)
 
     def write(
         self, volume_id: str, epoch: int, offset: int, data: Buffer, *, fua: bool = False,
@@ -136,20 +137,20 @@ class LocalReplica(ReplicaClient):
             while done < len(data):  # short writes happen (signals, some devices): finish
                 done += os.pwrite(fd, memoryview(data)[done:], offset + done)
         except OSError as exc:
-            return self._failed(Op.WRITE, exc)
+            return self._resolved(self._failure(Op.WRITE, exc))
         if fua:
             return asyncio.ensure_future(self._sync(fd))
-        return self._done(Op.WRITE)
+        return self._resolved(self._write_ok)
 
     async def _sync(self, fd: int) -> Response:
         dup = os.dup(fd)  # close() may close ours while the thread runs
         try:
             await asyncio.to_thread(os.fdatasync, dup)
         except OSError as exc:
-            return await self._failed(Op.WRITE, exc)
+            return self._failure(Op.WRITE, exc)
         finally:
             os.close(dup)
-        return self._ok[Op.WRITE]
+        return self._write_ok
 
     def read(self, volume_id: str, epoch: int, offset: int,
              length: int) -> asyncio.Future[Response]:
@@ -161,12 +162,8 @@ class LocalReplica(ReplicaClient):
         try:
             data = os.pread(fd, length, offset)
         except OSError as exc:
-            return self._failed(Op.READ, exc)
-        if len(data) != length:
-            return self._done(Op.READ, Status.EIO, "short read")
-        fut: asyncio.Future[Response] = self._loop.create_future()
-        fut.set_result(Response(Op.READ, 0, Status.OK, self._epoch, data))
-        return fut
+            return self._resolved(self._failure(Op.READ, exc))
+        return self._resolved(self._read_response(data, length))
 
     def read_now(self, offset: int, length: int) -> bytes | None:
         fd = self._fd
@@ -183,12 +180,10 @@ class LocalReplica(ReplicaClient):
         try:
             data = await asyncio.to_thread(os.pread, dup, length, offset)
         except OSError as exc:
-            return await self._failed(Op.READ, exc)
+            return self._failure(Op.READ, exc)
         finally:
             os.close(dup)
-        if len(data) != length:
-            return Response(Op.READ, 0, Status.EIO, self._epoch, b"short read")
-        return Response(Op.READ, 0, Status.OK, self._epoch, data)
+        return self._read_response(data, length)
 
     def trim(self, volume_id: str, epoch: int, offset: int, length: int, *,
              fua: bool = False) -> asyncio.Future[Response]:
