@@ -193,26 +193,6 @@ def test_expansion_grows_the_filesystem(
             assert usage.usage[0].total == fs_total(target)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: ControllerExpandVolume of a staged block volume answers node_expansion_required="
-    "false, but the node's loop device keeps the old size until NodeExpandVolume runs, "
-    "which the CO then never calls"
-))
-def test_online_expansion_of_a_block_volume_grows_the_device(
-    cluster: Cluster, workdir: Path
-) -> None:
-    cap, ctl = block_capability(), cluster.controller
-    if not online_expansion(ctl):
-        pytest.skip("the plugin advertises OFFLINE expansion")
-    with created_volume(ctl, create_request(size=16 * MIB, caps=[cap])) as volume:
-        node, vid = cluster.node(replica_nodes(volume)[0]), volume.volume_id
-        staging, target = workdir / "staging", workdir / "pod" / "dev"
-        with staged(node, vid, staging, cap), published(node, vid, staging, target, cap):
-            response = co_expand(cluster, node, vid, staging, target, cap, 48 * MIB)
-            # Without a NodeExpandVolume call the CO considers the resize done.
-            assert device_size(target) == response.capacity_bytes == 48 * MIB
-
-
 def test_node_expand_grows_a_published_block_device(cluster: Cluster, workdir: Path) -> None:
     cap, ctl = block_capability(), cluster.controller
     with created_volume(ctl, create_request(size=16 * MIB, caps=[cap])) as volume:
