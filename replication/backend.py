@@ -20,6 +20,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, Protocol, TypeVar, runtime_checkable
 
+from replication.replica_io import pwrite_all
+
 Payload = bytes | memoryview
 
 FALLOC_FL_KEEP_SIZE: Final = 0x01
@@ -213,12 +215,7 @@ class FileBackend:
 
     def _pwrite(self, offset: int, data: Payload) -> None:
         try:
-            done = os.pwrite(self._fd, data, offset)
-            if done == len(data):
-                return
-            view = memoryview(data)
-            while done < len(view):
-                done += os.pwrite(self._fd, view[done:], offset + done)
+            pwrite_all(self._fd, data, offset)
         except OSError as exc:
             raise BackendIOError(exc.errno or errno.EIO, str(exc)) from exc
 

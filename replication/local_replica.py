@@ -23,8 +23,9 @@ import logging
 import os
 
 from replication.local_writers import LocalWriters, Writer
-from replication.messages import Buffer, Op, Response, Status
+from replication.messages import Buffer, Op, Response, Status, WriteBatch
 from replication.replica_client import ReplicaClient
+from replication.replica_io import pwrite_all
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class LocalReplica(ReplicaClient):
         self._via_server = 0  # content ops sent through the server and not answered yet
         self._marked_dirty = False
         self._write_ok = Response(Op.WRITE, 0)  # shared: it is frozen
+        self._batch_ok = Response(Op.WRITE_BATCH, 0)
 
     def enable_direct(self, path: str, writers: LocalWriters) -> None:
         self._path = path
@@ -89,6 +91,7 @@ class LocalReplica(ReplicaClient):
             return check
         self._fd, self._epoch = fd, epoch
         self._write_ok = Response(Op.WRITE, 0, Status.OK, epoch)
+        self._batch_ok = Response(Op.WRITE_BATCH, 0, Status.OK, epoch)
         log.info("volume=%s epoch=%d local replica %s opened for direct I/O",
                  volume_id, epoch, self._path)
         return response
@@ -127,30 +130,51 @@ class LocalReplica(ReplicaClient):
         self, volume_id: str, epoch: int, offset: int, data: Buffer, *, fua: bool = False,
         payload_crc: int | None = None,
     ) -> asyncio.Future[Response]:
-        fd = self._fd
-        if fd is None or self._via_server or not self._marked_dirty or self.closed:
-            self._marked_dirty = self._marked_dirty or fd is not None
+        fd = self._direct_fd()
+        if fd is None:
             return self._through_server(super().write(
                 volume_id, epoch, offset, data, fua=fua, payload_crc=payload_crc))
         try:
-            done = os.pwrite(fd, data, offset)
-            while done < len(data):  # short writes happen (signals, some devices): finish
-                done += os.pwrite(fd, memoryview(data)[done:], offset + done)
+            pwrite_all(fd, data, offset)
         except OSError as exc:
             return self._resolved(self._failure(Op.WRITE, exc))
         if fua:
             return asyncio.ensure_future(self._sync(fd))
         return self._resolved(self._write_ok)
 
-    async def _sync(self, fd: int) -> Response:
+    def write_batch(self, volume_id: str, epoch: int, batch: WriteBatch, *,
+                    fua: bool = False) -> asyncio.Future[Response]:
+        fd = self._direct_fd()
+        if fd is None:
+            return self._through_server(super().write_batch(volume_id, epoch, batch, fua=fua))
+        try:
+            for offset, data in zip(batch.offsets, batch.data, strict=True):
+                pwrite_all(fd, data, offset)
+        except OSError as exc:
+            return self._resolved(self._failure(Op.WRITE_BATCH, exc))
+        if fua:
+            return asyncio.ensure_future(self._sync(fd, Op.WRITE_BATCH))
+        return self._resolved(self._batch_ok)
+
+    def _direct_fd(self) -> int | None:
+        """The descriptor if this write may go to it now; None: send it through the server
+        (not open yet, a server-side content op still in flight, or the first write, which
+        the server must see to mark the replica dirty durably)."""
+        fd = self._fd
+        if fd is None or self._via_server or not self._marked_dirty or self.closed:
+            self._marked_dirty = self._marked_dirty or fd is not None
+            return None
+        return fd
+
+    async def _sync(self, fd: int, op: Op = Op.WRITE) -> Response:
         dup = os.dup(fd)  # close() may close ours while the thread runs
         try:
             await asyncio.to_thread(os.fdatasync, dup)
         except OSError as exc:
-            return self._failure(Op.WRITE, exc)
+            return self._failure(op, exc)
         finally:
             os.close(dup)
-        return self._write_ok
+        return self._write_ok if op is Op.WRITE else self._batch_ok
 
     def read(self, volume_id: str, epoch: int, offset: int,
              length: int) -> asyncio.Future[Response]:
@@ -205,3 +229,4 @@ class LocalReplica(ReplicaClient):
         if fd is not None:
             os.close(fd)
         self._unregister()
+

@@ -17,6 +17,7 @@ the rules per op (fields not listed must be 0; responses have offset = length = 
     STAT          -       -                     StatInfo
     CHECKSUM      yes     ChecksumSpec          one digest per block
     SETTLE        offset  -                     -      (offset = settled sequence number)
+    WRITE_BATCH   length  WriteBatch            -      (length = data bytes; offset 0)
 
 "range" means offset + length must fit in u64. Error replies (status != OK) carry an
 optional UTF-8 message of at most 1 KiB.
@@ -30,6 +31,7 @@ import functools
 import hashlib
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
@@ -49,6 +51,7 @@ MAX_TOKEN = 4096
 MAX_ERROR_MESSAGE = 1024
 DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
 DEFAULT_MAX_IN_FLIGHT = 4096
+MAX_BATCH_WRITES = 4096
 
 Buffer = bytes | bytearray | memoryview
 
@@ -81,11 +84,12 @@ class Op(IntEnum):
     STAT = 8
     CHECKSUM = 9
     SETTLE = 10
+    WRITE_BATCH = 11  # many writes in one frame: the owner's per-tick batch
 
 
 class Flag(IntFlag):
     NONE = 0
-    FUA = 0x0001  # durable before the reply (WRITE, TRIM, WRITE_ZEROES)
+    FUA = 0x0001  # durable before the reply (WRITE, WRITE_BATCH, TRIM, WRITE_ZEROES)
     NO_HOLE = 0x0002  # WRITE_ZEROES must allocate, not punch a hole
     NO_PAYLOAD_CRC = 0x4000  # wire only: payload crc field is 0 and not checked
     REPLY = 0x8000  # wire only: the frame is a response
@@ -307,6 +311,75 @@ class ChecksumSpec:
         return -(-length // self.block_size) * DIGEST_SIZE[self.algo]
 
 
+_BATCH_COUNT = struct.Struct("!I")
+_BATCH_ENTRY = struct.Struct("!QI")
+
+
+@dataclass(frozen=True, slots=True)
+class WriteBatch:
+    """WRITE_BATCH payload: u32 count, count x (u64 offset, u32 length), then the data of
+    every entry in table order. The writes are applied in that order, as if sent one by one.
+
+    Built once by the owner and framed for every replica: ``parts`` go to
+    ``transport.writelines`` as they are (no copy of the data), ``crc`` is computed once."""
+
+    table: bytes
+    offsets: tuple[int, ...]  # also in the table; kept for a local replica's pwrites
+    data: tuple[Buffer, ...]
+    length: int  # data bytes: the header's length field
+    crc: int  # zlib.crc32 of the whole payload
+
+    @classmethod
+    def build(cls, writes: Sequence[tuple[int, Buffer]]) -> WriteBatch:
+        """``writes``: (offset, data) pairs; raises ValueError if one cannot be framed."""
+        if not 0 < len(writes) <= MAX_BATCH_WRITES:
+            raise ValueError(f"a batch holds 1..{MAX_BATCH_WRITES} writes, not {len(writes)}")
+        pack = _BATCH_ENTRY.pack
+        try:
+            table = _BATCH_COUNT.pack(len(writes)) + b"".join(
+                [pack(offset, len(data)) for offset, data in writes])
+        except struct.error as exc:
+            raise ValueError(f"write not framable: {exc}") from None
+        crc = zlib.crc32(table)
+        length = 0
+        for offset, data in writes:
+            n = len(data)
+            if not n or offset + n > U64_MAX + 1:
+                raise ValueError("batch entries need data and must end within u64")
+            length += n
+            crc = zlib.crc32(data, crc)
+        offsets, datas = zip(*writes, strict=True)
+        return cls(table, offsets, datas, length, crc)
+
+    @property
+    def parts(self) -> list[Buffer]:
+        return [self.table, *self.data]
+
+    def payload(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def write_batch_entries(payload: Buffer, length: int) -> list[tuple[int, int, int]]:
+    """Decode a WRITE_BATCH payload to (offset, length, payload position of the data) per
+    write; raises ValueError unless it is well formed and carries exactly ``length`` bytes."""
+    if len(payload) < _BATCH_COUNT.size:
+        raise ValueError("WRITE_BATCH payload too short")
+    (count,) = _BATCH_COUNT.unpack_from(payload)
+    start = _BATCH_COUNT.size + count * _BATCH_ENTRY.size
+    if not 0 < count <= MAX_BATCH_WRITES or start + length != len(payload):
+        raise ValueError("WRITE_BATCH table does not match its payload")
+    entries = []
+    pos = start
+    for offset, n in _BATCH_ENTRY.iter_unpack(memoryview(payload)[_BATCH_COUNT.size:start]):
+        if not n or offset + n > U64_MAX + 1:
+            raise ValueError("WRITE_BATCH entry is empty or ends beyond u64")
+        entries.append((offset, n, pos))
+        pos += n
+    if pos != len(payload):
+        raise ValueError("WRITE_BATCH entry lengths do not add up to its length")
+    return entries
+
+
 def block_digests(data: Buffer, block_size: int, algo: ChecksumAlgo) -> bytes:
     """The CHECKSUM reply payload for ``data`` (both ends must agree on this definition)."""
     view = memoryview(data)
@@ -317,7 +390,7 @@ def block_digests(data: Buffer, block_size: int, algo: ChecksumAlgo) -> bytes:
 
 
 # Request shapes: which of offset/length/payload an op uses (the rest must be zero).
-_HELLO_K, _NONE_K, _SEQ_K, _WRITE_K, _RANGE_K, _READ_K, _CHECKSUM_K = range(7)
+_HELLO_K, _NONE_K, _SEQ_K, _WRITE_K, _RANGE_K, _READ_K, _CHECKSUM_K, _BATCH_K = range(8)
 _FUA = int(Flag.FUA)
 _REQUEST_RULES: dict[int, tuple[Op, int, int]] = {  # flags as ints: IntFlag ops are slow
     Op.HELLO: (Op.HELLO, 0, _HELLO_K),
@@ -330,6 +403,7 @@ _REQUEST_RULES: dict[int, tuple[Op, int, int]] = {  # flags as ints: IntFlag ops
     Op.STAT: (Op.STAT, 0, _NONE_K),
     Op.CHECKSUM: (Op.CHECKSUM, 0, _CHECKSUM_K),
     Op.SETTLE: (Op.SETTLE, 0, _SEQ_K),
+    Op.WRITE_BATCH: (Op.WRITE_BATCH, _FUA, _BATCH_K),
 }
 
 
@@ -363,6 +437,11 @@ def check_request(
     if kind == _WRITE_K:
         if plen != length:
             raise ValueError("WRITE length differs from its payload length")
+    elif kind == _BATCH_K:
+        if offset:
+            raise ValueError("WRITE_BATCH carries its offsets in the payload")
+        write_batch_entries(payload, length)
+        return member, 0
     elif kind == _CHECKSUM_K:
         expected = ChecksumSpec.decode(payload).reply_size(length)
         if expected > max_payload:

@@ -44,6 +44,7 @@ from replication.messages import HEADER_SIZE, MAGIC, Buffer, Event, Op, Request,
 __all__ = ["Connection", "State"]
 
 _NO_CRC = int(m.Flag.NO_PAYLOAD_CRC)
+_FUA_FLAG = int(m.Flag.FUA)
 _REPLY = int(m.Flag.REPLY)
 _EVENT_FLAGS = int(m.EVENT_FLAGS)
 _FLAG_VALUES = m.EVENT_FLAG_VALUES
@@ -366,6 +367,35 @@ class Connection:
             self._state = _READY if st is Status.OK else _CLOSED
         return parts
 
+    def encode_write_batch(
+        self, request_id: int, volume_id: str, epoch: int, batch: m.WriteBatch,
+        *, fua: bool = False,
+    ) -> list[Buffer]:
+        """Frame a WRITE_BATCH as [header, table, data...] for ``transport.writelines`` (no
+        copy of the data; ``batch`` was validated and checksummed once when built)."""
+        if self.role is not m.Role.CLIENT:
+            raise _Local("only a client sends requests")
+        if self._state is not _READY:
+            raise _Local(f"cannot send WRITE_BATCH in state {self._state.value}")
+        vid = m.encode_volume_id(volume_id)
+        if request_id in self._in_flight:
+            raise _Local(f"request id {request_id} already in flight")
+        if len(self._in_flight) >= self.max_in_flight:
+            raise _Local("too many requests in flight")
+        plen = len(batch.table) + batch.length
+        if plen > self.max_payload:
+            raise _Local(f"payload of {plen} bytes exceeds the maximum")
+        flags = _FUA_FLAG if fua else 0
+        pcrc = batch.crc
+        if not self.payload_checksums:
+            flags |= _NO_CRC
+            pcrc = 0
+        header = self._header(
+            Op.WRITE_BATCH, flags, request_id, epoch, 0, batch.length, plen, pcrc, 0, vid
+        )
+        self._in_flight[request_id] = (Op.WRITE_BATCH, 0)
+        return [header, *batch.parts]
+
     def _frame(
         self,
         op: int,
@@ -391,10 +421,15 @@ class Connection:
             pcrc = 0
         else:
             pcrc = _crc32(payload) if payload_crc is None else payload_crc
+        header = self._header(op, flags, rid, epoch, offset, length, plen, pcrc, status, vid)
+        return [header, payload] if plen else [header]
+
+    @staticmethod
+    def _header(op: int, flags: int, rid: int, epoch: int, offset: int, length: int,
+                plen: int, pcrc: int, status: int, vid: bytes) -> bytes:
         try:
             fields = (op, flags, rid, epoch, offset, length, plen, pcrc, status, len(vid))
             body = _pack_body(_VERSION, *fields) + vid
         except struct.error as exc:
             raise _Local(f"header field out of range: {exc}") from None
-        header = _pack_prefix(MAGIC, _crc32(body)) + body
-        return [header, payload] if plen else [header]
+        return _pack_prefix(MAGIC, _crc32(body)) + body

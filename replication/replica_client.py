@@ -39,6 +39,7 @@ from replication.messages import (
     Response,
     Role,
     Status,
+    WriteBatch,
 )
 from replication.protocol import Connection
 
@@ -263,6 +264,21 @@ class ReplicaClient:
         """Declare every write sent before this on every ISR replica (send when quiescent)."""
         return self._submit(Op.SETTLE, volume_id, epoch, seq)
 
+    def write_batch(
+        self, volume_id: str, epoch: int, batch: WriteBatch, *, fua: bool = False
+    ) -> asyncio.Future[Response]:
+        """Many writes in one frame, applied in order; one response for all of them. Sent at
+        once (with anything queued before it): a batch is already a whole tick's writes."""
+        fut: asyncio.Future[Response] = self._loop.create_future()
+        if self._dead is not None:
+            fut.set_exception(ReplicaUnavailableError(self._dead))
+            return fut
+        rid = self._next_id
+        self._out += self._conn.encode_write_batch(rid, volume_id, epoch, batch, fua=fua)
+        self._track(rid, fut)
+        self._send()
+        return fut
+
     def _submit(
         self,
         op: Op,
@@ -283,6 +299,10 @@ class ReplicaClient:
         self._out += self._conn.encode_request(
             op, rid, volume_id, epoch, offset, length, flags, payload, payload_crc=payload_crc
         )
+        return self._track(rid, fut)
+
+    def _track(self, rid: int, fut: asyncio.Future[Response]) -> asyncio.Future[Response]:
+        """Book a request whose frame is queued in ``_out``: reply, deadline, send."""
         self._next_id = rid + 1
         self._pending[rid] = (fut, self._loop.time() + self._timeout)
         if self._send_handle is None:  # the first frame of this tick: send them all later

@@ -16,7 +16,7 @@ write received before them has already been applied.
 
 Epochs: FENCE(E) raises the durable fence to E (E below it: STALE_EPOCH), then ends any
 process still writing the replica directly below E (``local_writers``) before it answers.
-WRITE, TRIM, WRITE_ZEROES, FLUSH and SETTLE need epoch == fence > 0; READ, STAT and
+WRITE, WRITE_BATCH, TRIM, WRITE_ZEROES, FLUSH and SETTLE need epoch == fence > 0; READ, STAT and
 CHECKSUM also accept epoch 0 (an observer, e.g. a verify tool). Below the fence:
 STALE_EPOCH; above it: INVALID ("not fenced yet": the owner must FENCE first). Every reply
 carries the fenced epoch.
@@ -43,8 +43,10 @@ from replication.messages import (
     StatInfo,
     Status,
     block_digests,
+    write_batch_entries,
 )
 from replication.pool.base import Pool
+from replication.replica_io import pwrite_all
 from replication.replica_meta import MetaState, MetaStore
 
 log = logging.getLogger(__name__)
@@ -232,10 +234,25 @@ class ReplicaEngine:
     def _write(self, rep: _Replica, req: Request) -> Result | Deferred:
         if not rep.meta.write_ready:
             rep.meta.mark_dirty()
-        data = req.payload
-        done = os.pwrite(rep.fd, data, req.offset)
-        while done < len(data):  # short writes happen (signals, some devices): finish
-            done += os.pwrite(rep.fd, memoryview(data)[done:], req.offset + done)
+        pwrite_all(rep.fd, req.payload, req.offset)
+        return self._done(rep, req)
+
+    def _write_batch(self, rep: _Replica, req: Request) -> Result | Deferred:
+        payload = req.payload
+        entries = write_batch_entries(payload, req.length)  # the codec validated it already
+        end = max(offset + n for offset, n, _ in entries)
+        if end > rep.size:  # all or nothing: no write of a batch lands if one cannot
+            info = self._pool.get(rep.volume_id)
+            rep.size = info.size_bytes if info is not None else rep.size
+            if end > rep.size:
+                return _fail(Status.OUT_OF_RANGE, rep.meta.fenced_epoch,
+                             f"beyond the size {rep.size}")
+        if not rep.meta.write_ready:
+            rep.meta.mark_dirty()
+        view = memoryview(payload)
+        fd = rep.fd
+        for offset, n, pos in entries:
+            pwrite_all(fd, view[pos:pos + n], offset)
         return self._done(rep, req)
 
     def _read(self, rep: _Replica, req: Request) -> Result | Deferred:
@@ -325,7 +342,9 @@ def _write_zeros(fd: int, offset: int, length: int) -> None:
     zeros = memoryview(_ZEROS)
     end = offset + length
     while offset < end:
-        offset += os.pwrite(fd, zeros[: min(end - offset, len(zeros))], offset)
+        n = min(end - offset, len(zeros))
+        pwrite_all(fd, zeros[:n], offset)
+        offset += n
 
 
 def _digests(fd: int, offset: int, length: int, spec: ChecksumSpec) -> bytes:

@@ -34,7 +34,7 @@ from replication.authority import (
 from replication.backend import BackendIOError, Payload
 from replication.bitmap import DirtyBitmap
 from replication.errors import ReplicaUnavailableError
-from replication.messages import Response, Status
+from replication.messages import Response, Status, WriteBatch
 from replication.replica_client import ReplicaClient
 from replication.resync import Resync
 
@@ -44,6 +44,9 @@ MAX_INFLIGHT_BYTES = 64 << 20
 # Callback-path writes in flight per volume: well under a replica connection's request cap
 # (messages.DEFAULT_MAX_IN_FLIGHT), which resync traffic shares.
 MAX_CALLBACK_WRITES = 1024
+# A batch is sent at the end of the tick, or at once when it reaches either bound.
+BATCH_MAX_WRITES = 16
+BATCH_MAX_BYTES = 4 << 20
 RETRY_CONVERGE_S = 5.0
 
 
@@ -94,22 +97,36 @@ class _ByteBudget:
 
 
 WriteDone = Callable[[BackendIOError | None], None]
+Ranges = Sequence[tuple[int, int]]  # (offset, length) of each write a request carries
+
+
+class _Batch:
+    """Callback-path writes gathered during one event-loop tick, sent as one WRITE_BATCH."""
+
+    __slots__ = ("bytes", "dones", "handle", "writes")
+
+    def __init__(self, handle: asyncio.Handle | None) -> None:
+        self.writes: list[tuple[int, Payload]] = []
+        self.dones: list[WriteDone] = []
+        self.bytes = 0
+        self.handle = handle
 
 
 class _WriteJoin:
-    """One callback-path write: calls ``done`` once every member of its write set answered."""
+    """One sent batch: calls every write's ``done`` once every member of its write set
+    answered the batch (all OK), or after the failed members were dealt with."""
 
-    __slots__ = ("_backend", "_futures", "_left", "done", "length", "members", "offset")
+    __slots__ = ("_backend", "_futures", "_left", "bytes", "dones", "members", "ranges")
 
     def __init__(self, backend: ReplicatedBackend, members: list[str],
-                 futures: list[asyncio.Future[Response]], offset: int, length: int,
-                 done: WriteDone) -> None:
+                 futures: list[asyncio.Future[Response]], ranges: list[tuple[int, int]],
+                 dones: list[WriteDone], nbytes: int) -> None:
         self._backend = backend
         self.members = members
         self._futures = futures
-        self.offset = offset
-        self.length = length
-        self.done = done
+        self.ranges = ranges
+        self.dones = dones
+        self.bytes = nbytes
         left = 0
         for fut in futures:
             if not fut.done():  # a direct local write is done already
@@ -140,13 +157,17 @@ class _WriteJoin:
         if not ok:
             backend._join_failed(self, results)
             return
-        backend._join_finished(self.length)
+        backend._join_finished(self.bytes, len(self.dones))
+        error: BackendIOError | None = None
         try:
             backend._check_serving()
         except BackendIOError as exc:
-            self.done(exc)
-            return
-        self.done(None)
+            error = exc
+        self.finish(error)
+
+    def finish(self, error: BackendIOError | None) -> None:
+        for done in self.dones:
+            done(error)
 
 
 class ReplicatedBackend:
@@ -169,8 +190,11 @@ class ReplicatedBackend:
         self._dropping: dict[str, asyncio.Future[None]] = {}
         self._budget = _ByteBudget(MAX_INFLIGHT_BYTES)
         self._members: list[str] | None = None
+        self._remote_members: list[str] | None = None
         self._ops: set[asyncio.Future[list[Response | BaseException]]] = set()
-        self._joins = 0  # callback-path writes in flight (write_soon)
+        self._joins = 0  # callback-path writes in flight (write_soon), batched or sent
+        self._batch: _Batch | None = None
+        self._loop = asyncio.get_running_loop()
         self._idle: list[asyncio.Future[None]] = []  # quiesce() waiting for _joins == 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._open_gate = asyncio.Event()
@@ -206,6 +230,13 @@ class ReplicatedBackend:
 
     def _membership_changed(self) -> None:
         self._members = None
+        self._remote_members = None
+
+    def _remote_first(self) -> list[str]:
+        if self._remote_members is None:
+            members = self._write_set()
+            self._remote_members = sorted(members, key=lambda n: n == self._local)
+        return self._remote_members
 
     async def _fan_out(
         self, send: Callable[[ReplicaClient], asyncio.Future[Response]], offset: int,
@@ -224,10 +255,10 @@ class ReplicatedBackend:
             results = await gathered
         finally:
             self._ops.discard(gathered)
-        await self._conclude(members, results, offset, length)
+        await self._conclude(members, results, [(offset, length)])
 
     async def _conclude(self, members: Sequence[str], results: Sequence[Response | BaseException],
-                        offset: int, length: int) -> None:
+                        ranges: Ranges) -> None:
         """Act on one request's answers: drop the replicas that failed (ISR by CAS) or fence
         ourselves; raises BackendIOError if the request must not be acknowledged."""
         failed: list[str] = []
@@ -239,7 +270,7 @@ class ReplicatedBackend:
                     self._fence(f"replica {node} is fenced at epoch {result.epoch}")
             failed.append(node)
         if failed:
-            await self._drop(failed, offset, length)
+            await self._drop(failed, ranges)
         self._check_serving()
 
     async def write(self, offset: int, data: Payload, fua: bool) -> None:
@@ -257,11 +288,12 @@ class ReplicatedBackend:
             self._budget.release(n)
 
     def write_soon(self, offset: int, data: Payload, fua: bool, done: WriteDone) -> bool:
-        """The callback write path (no task, no gather): send ``data`` to the write set now
-        and call ``done(None)`` once every member acknowledged it, or ``done(error)``. False
-        (nothing sent) when it cannot start at once: then use ``write``."""
+        """The callback write path (no task, no gather): queue ``data`` for this tick's
+        batch to the write set and call ``done(None)`` once every member acknowledged it,
+        or ``done(error)``. False (nothing queued) when it cannot start at once: then use
+        ``write`` (FUA writes always do: they are rare, and each needs its own sync)."""
         n = len(data)
-        if not self._open_gate.is_set() or self.fenced is not None:
+        if fua or n > BATCH_MAX_BYTES or not self._open_gate.is_set() or self.fenced is not None:
             return False
         if self._joins >= MAX_CALLBACK_WRITES:  # the NBD side's task cap does not see these
             return False
@@ -272,25 +304,61 @@ class ReplicatedBackend:
         except BackendIOError:
             self._budget.release(n)
             return False  # ``write`` raises it for this request
-        members = self._write_set()
-        try:
-            clients = [self._clients[m] for m in members]
-        except KeyError:  # a member is being dropped right now: the slow path sorts it out
-            self._budget.release(n)
-            return False
-        crc = zlib.crc32(data)
-        volume_id, epoch = self.volume_id, self.epoch
-        futures = [c.write(volume_id, epoch, offset, data, fua=fua, payload_crc=crc)
-                   for c in clients]
-        for bitmap in self._bitmaps.values():
-            bitmap.mark(offset, n)
+        batch = self._batch
+        if batch is not None and batch.bytes + n > BATCH_MAX_BYTES:
+            self._send_batch()
+            batch = None
+        if batch is None:
+            batch = self._batch = _Batch(self._loop.call_soon(self._send_batch))
+        batch.writes.append((offset, data))
+        batch.dones.append(done)
+        batch.bytes += n
         self._joins += 1
-        _WriteJoin(self, members, futures, offset, n, done)
+        if len(batch.writes) >= BATCH_MAX_WRITES:
+            self._send_batch()
         return True
 
-    def _join_finished(self, length: int) -> None:
-        self._budget.release(length)
-        self._joins -= 1
+    def _send_batch(self) -> None:
+        """Send the tick's batch to every member of the write set as of now."""
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        if batch.handle is not None:
+            batch.handle.cancel()
+        ranges = [(offset, len(data)) for offset, data in batch.writes]
+        # Marked when sent, not when queued: the write set may have changed in between.
+        for bitmap in self._bitmaps.values():
+            for offset, length in ranges:
+                bitmap.mark(offset, length)
+        # Remote replicas first: their frames are on the wire while we pwrite the local one.
+        members = self._remote_first()
+        futures: list[asyncio.Future[Response]] = []
+        try:
+            wb = WriteBatch.build(batch.writes)
+            volume_id, epoch = self.volume_id, self.epoch
+            for member in members:
+                client = self._clients.get(member)
+                if client is None:  # being dropped right now: it fails like a dead one
+                    fut: asyncio.Future[Response] = self._loop.create_future()
+                    fut.set_exception(ReplicaUnavailableError(f"replica {member} dropped"))
+                    futures.append(fut)
+                else:
+                    futures.append(client.write_batch(volume_id, epoch, wb))
+        except Exception as exc:  # a bug (the NBD codec bounds offsets): fail, never hang
+            # Some members may have it and others not: stop writing, let the next owner
+            # converge the replicas.
+            self.fenced = f"write batch not sent: {exc!r}"
+            log.exception("%s %s: fenced", self._ctx(), self.fenced)
+            self._join_finished(batch.bytes, len(batch.dones))
+            error = BackendIOError(errno.EIO, self.fenced)
+            for done in batch.dones:
+                done(error)
+            return
+        _WriteJoin(self, members, futures, ranges, batch.dones, batch.bytes)
+
+    def _join_finished(self, nbytes: int, writes: int) -> None:
+        self._budget.release(nbytes)
+        self._joins -= writes
         if not self._joins:
             waiters, self._idle = self._idle, []
             for waiter in waiters:
@@ -299,19 +367,19 @@ class ReplicatedBackend:
 
     def _join_failed(self, join: _WriteJoin, results: list[Response | BaseException]) -> None:
         async def conclude() -> None:
+            error: BackendIOError | None = None
             try:
-                await self._conclude(join.members, results, join.offset, join.length)
+                await self._conclude(join.members, results, join.ranges)
             except BackendIOError as exc:
-                join.done(exc)
-            except Exception as exc:  # never leave the NBD request unanswered
+                error = exc
+            except Exception as exc:  # never leave the NBD requests unanswered
                 log.exception("%s write failure handling crashed", self._ctx())
-                join.done(BackendIOError(errno.EIO, f"write failed: {exc}"))
-            else:
-                join.done(None)
+                error = BackendIOError(errno.EIO, f"write failed: {exc}")
             finally:
-                self._join_finished(join.length)
+                self._join_finished(join.bytes, len(join.dones))
+            join.finish(error)
 
-        task = asyncio.get_running_loop().create_task(conclude())
+        task = self._loop.create_task(conclude())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -356,13 +424,13 @@ class ReplicatedBackend:
                     self.volume_id, self.epoch, offset, length
                 )
             except ReplicaUnavailableError:
-                await self._drop([node], 0, 0)
+                await self._drop([node], ())
                 continue
             if response.status is Status.OK:
                 return bytes(response.payload)
             if response.status is Status.STALE_EPOCH:
                 self._fence(f"replica {node} is fenced at epoch {response.epoch}")
-            await self._drop([node], 0, 0)
+            await self._drop([node], ())
         raise BackendIOError(errno.EIO, "no in-sync replica could serve the read")
 
     def source_client(self) -> ReplicaClient:
@@ -397,13 +465,15 @@ class ReplicatedBackend:
             log.error("%s fenced: %s", self._ctx(), reason)
         raise BackendIOError(errno.EIO, f"fenced: {reason}")
 
-    async def _drop(self, nodes: Sequence[str], offset: int, length: int) -> None:
+    async def _drop(self, nodes: Sequence[str], ranges: Ranges) -> None:
         """Take failed replicas out of the write set (ISR members by CAS, once each)."""
         pending = []
         for node in nodes:
-            # Marked before the ISR change is confirmed: the region is recorded as missed
-            # whether or not this write reached the replica.
-            self._bitmaps.setdefault(node, DirtyBitmap(self._size)).mark(offset, length)
+            # Marked before the ISR change is confirmed: the regions are recorded as missed
+            # whether or not these writes reached the replica.
+            bitmap = self._bitmaps.setdefault(node, DirtyBitmap(self._size))
+            for offset, length in ranges:
+                bitmap.mark(offset, length)
             self._abort_resync(node)
             if node not in self._isr:
                 self._disconnect(node)

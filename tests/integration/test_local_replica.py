@@ -18,7 +18,7 @@ import pytest
 
 from replication.local_replica import LocalReplica
 from replication.local_writers import LocalWriters
-from replication.messages import StatInfo, Status
+from replication.messages import Op, StatInfo, Status, WriteBatch
 from replication.replica_client import ReplicaClient, expect_ok
 from tests.integration.test_replica_server import VOL, ServerProcess, connect, run, serving
 
@@ -91,6 +91,36 @@ def test_ops_through_the_server_keep_the_issue_order(server: ServerProcess) -> N
                 for fut in (before, trim, after):
                     expect_ok(await fut)
                 assert await server_read(observer, 0, 65536) == payload, f"round {round_}"
+        finally:
+            local.close()
+            observer.close()
+
+    run(go())
+
+
+def test_batches_go_direct_and_keep_the_issue_order(server: ServerProcess) -> None:
+    """Batches are written through the descriptor (the first one through the server, which
+    marks the replica dirty), and behind a TRIM still in flight they follow it."""
+    async def go() -> None:
+        local = await open_local(server, 1)
+        observer = await connect(server)
+        try:
+            first = WriteBatch.build([(0, b"a" * 4096), (8192, b"b" * 4096)])
+            assert expect_ok(await local.write_batch(VOL, 1, first)).op is Op.WRITE_BATCH
+            stat = StatInfo.decode(expect_ok(await observer.stat(VOL, 0)).payload)
+            assert stat.dirty
+            for round_ in range(20):
+                payload = bytes([0x41 + round_ % 26]) * 65536
+                before = local.write_batch(VOL, 1, WriteBatch.build([(0, b"z" * 65536)]))
+                assert before.done(), "a batch with nothing in flight is written directly"
+                trim = local.trim(VOL, 1, 0, 65536)
+                after = local.write_batch(VOL, 1, WriteBatch.build([(0, payload)]))
+                for fut in (before, trim, after):
+                    expect_ok(await fut)
+                assert await server_read(observer, 0, 65536) == payload, f"round {round_}"
+            fua = local.write_batch(VOL, 1, WriteBatch.build([(1 << 20, b"f" * 4096)]), fua=True)
+            expect_ok(await fua)
+            assert await server_read(observer, 1 << 20, 4096) == b"f" * 4096
         finally:
             local.close()
             observer.close()

@@ -25,7 +25,15 @@ import pytest
 import uvloop
 
 from replication.errors import ReplicaStatusError, ReplicaUnavailableError, StaleEpochError
-from replication.messages import ChecksumAlgo, Response, StatInfo, Status, block_digests
+from replication.messages import (
+    ChecksumAlgo,
+    Op,
+    Response,
+    StatInfo,
+    Status,
+    WriteBatch,
+    block_digests,
+)
 from replication.pool.file import FilePool
 from replication.replica_client import ReplicaClient, expect_ok
 
@@ -158,6 +166,40 @@ def test_pipelined_random_writes_read_back_and_match_the_file(server: ServerProc
         big = await client.read(VOL, 1, MIB, 4 * MIB)  # a worker-thread read
         assert bytes(expect_ok(big).payload) == model[MIB : 5 * MIB]
         expect_ok(await client.flush(VOL, 1))
+        client.close()
+
+    run(body())
+    with open(image(server), "rb") as f:
+        assert f.read(len(model)) == model
+
+
+def test_write_batches_apply_in_order_all_or_nothing(server: ServerProcess) -> None:
+    rng = random.Random(7)
+    model = bytearray(8 * MIB)
+
+    async def body() -> None:
+        client = await fenced(server, 3)
+        futures = []
+        for _ in range(40):  # overlapping writes within and across batches, some > 64 KiB
+            writes = []
+            for _ in range(rng.randrange(1, 20)):
+                offset = rng.randrange(len(model) - 200_000)
+                data = rng.randbytes(rng.choice([512, 4096, 200_000]))
+                model[offset:offset + len(data)] = data
+                writes.append((offset, data))
+            futures.append(client.write_batch(VOL, 3, WriteBatch.build(writes)))
+        for response in await asyncio.gather(*futures):
+            assert response.op is Op.WRITE_BATCH and expect_ok(response).epoch == 3
+        assert await read_all(client, 3, 0, len(model)) == model
+        # One entry beyond the end: none of the batch lands.
+        bad = WriteBatch.build([(0, b"n" * 4096), (SIZE - 100, b"x" * 4096)])
+        assert (await client.write_batch(VOL, 3, bad)).status is Status.OUT_OF_RANGE
+        stale = await client.write_batch(VOL, 2, WriteBatch.build([(0, b"s" * 4096)]))
+        assert (stale.status, stale.epoch) == (Status.STALE_EPOCH, 3)
+        assert await read_all(client, 3, 0, 4096) == model[:4096]
+        durable = WriteBatch.build([(4096, b"f" * 4096)])
+        expect_ok(await client.write_batch(VOL, 3, durable, fua=True))
+        model[4096:8192] = b"f" * 4096
         client.close()
 
     run(body())

@@ -26,7 +26,12 @@ from replication.backend import BackendIOError
 from replication.fencing import open_volume
 from replication.pool.file import FilePool
 from replication.replica_client import ReplicaClient
-from replication.target import NoInSyncReplicaError, ReplicaEndpoint, ReplicatedBackend
+from replication.target import (
+    BATCH_MAX_WRITES,
+    NoInSyncReplicaError,
+    ReplicaEndpoint,
+    ReplicatedBackend,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -205,6 +210,76 @@ def test_stopped_replica_times_out_and_is_dropped(
         backend.close()
 
     run(scenario())
+
+
+def write_soon(backend: ReplicatedBackend, offset: int, data: bytes,
+               on_done: Callable[[], None] = lambda: None) -> asyncio.Future[None]:
+    """The NBD server's callback path as a future; fails the test if it would not start."""
+    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def done(exc: BackendIOError | None) -> None:
+        on_done()
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
+
+    assert backend.write_soon(offset, data, False, done)
+    return fut
+
+
+def test_writes_of_one_tick_travel_as_batches(replicas: list[Replica], tmp_path: Path) -> None:
+    authority = MemoryAuthority(["n0", "n1", "n2"], 1, [1])
+
+    async def scenario() -> bytes:
+        backend = await open_backend(replicas, authority, tmp_path / "state")
+        clients = [backend._clients[n] for n in ("n0", "n1", "n2")]
+        blocks = [os.urandom(4096) for _ in range(2 * BATCH_MAX_WRITES + 3)]
+        # Overlapping writes in one tick: every replica must apply them in the same order.
+        writes = [(i % 40 * 4096, b) for i, b in enumerate(blocks)]
+        futures = [write_soon(backend, off, b) for off, b in writes]
+        # Two full batches left at once; the rest waits for the end of the tick.
+        assert [c.in_flight for c in clients] == [2, 2, 2]
+        await asyncio.sleep(0)
+        assert [c.in_flight for c in clients] == [3, 3, 3]
+        assert not any(f.done() for f in futures)
+        await asyncio.gather(*futures)
+        await backend.flush()
+        backend.close()
+        image = bytearray(SIZE)
+        for off, b in writes:
+            image[off:off + 4096] = b
+        return bytes(image)
+
+    expected = run(scenario())
+    assert [r.data() for r in replicas] == [expected] * 3
+
+
+def test_failed_batch_member_leaves_isr_before_any_write_is_acked(
+    replicas: list[Replica], tmp_path: Path
+) -> None:
+    authority = MemoryAuthority(["n0", "n1", "n2"], 1, [1])
+    isr_at_ack: list[list[str]] = []
+
+    async def scenario() -> None:
+        backend = await open_backend(replicas, authority, tmp_path / "state")
+        await write_soon(backend, 0, b"a" * 4096)
+        replicas[2].kill()
+        offsets = [3 << 20, (5 << 20) + 4096, 9 << 20]
+        await asyncio.gather(*(
+            write_soon(backend, off, b"b" * 4096, lambda: isr_at_ack.append(authority.isr))
+            for off in offsets
+        ))
+        assert isr_at_ack == [["n0", "n1"]] * 3 and authority.removed == ["n2"]
+        bitmap = backend.bitmap("n2")
+        assert bitmap is not None
+        assert [bitmap.is_marked(off >> 20) for off in offsets] == [True] * 3
+        assert bitmap.dirty_regions == 3
+        await backend.flush()
+        backend.close()
+
+    run(scenario())
+    assert replicas[0].data() == replicas[1].data()
 
 
 def test_takeover_fences_the_old_owner(replicas: list[Replica], tmp_path: Path) -> None:

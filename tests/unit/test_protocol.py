@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from replication.messages import (
+    MAX_BATCH_WRITES,
     ChecksumAlgo,
     ChecksumSpec,
     Event,
@@ -27,13 +28,17 @@ from replication.messages import (
     Role,
     StatInfo,
     Status,
+    WriteBatch,
     block_digests,
+    write_batch_entries,
 )
 from replication.protocol import Connection, State
 
 VID = "pvc-1"
+U64 = (1 << 64) - 1
 DATA = bytes(range(256)) * 16
 HELLO_A = Hello("a").encode()
+BATCH = WriteBatch.build([(0, DATA), (1 << 40, DATA[:512])])
 
 
 HEADER_DEFAULTS: dict[str, Any] = {"flags": 0, "epoch": 1, "offset": 0, "length": 0, "status": 0}
@@ -100,6 +105,8 @@ def op_cases() -> list[tuple[Request, Response]]:
         (Q(Op.SETTLE, 9, VID, 9, offset=123456), P(Op.SETTLE, 9, epoch=9)),
         (Q(Op.WRITE, 10, VID, 7, 0, 4096, payload=DATA), P(Op.WRITE, 10, Status.EIO)),
         (Q(Op.WRITE, 11, VID, 6, 0, 4096, payload=DATA), stale),
+        (Q(Op.WRITE_BATCH, 12, VID, 7, 0, BATCH.length, Flag.FUA, BATCH.payload()),
+         P(Op.WRITE_BATCH, 12, epoch=7)),
     ]
 
 
@@ -177,6 +184,49 @@ def test_precomputed_payload_crc() -> None:
     assert_protocol_error(server, server.receive_data(b"".join(parts)), "payload checksum")
 
 
+def test_write_batch_framed_without_copying_and_decoded_in_order() -> None:
+    client, server = handshake()
+    pages = [memoryview(bytearray(DATA[i:] + DATA[:i])) for i in range(3)]
+    writes = [(8192, pages[0]), (0, pages[1][:100]), (8192, pages[2])]  # order matters
+    batch = WriteBatch.build(writes)
+    parts = client.encode_write_batch(5, VID, 7, batch)
+    assert parts[2] is pages[0] and parts[4] is pages[2]  # data goes out as given
+    (event,) = server.receive_data(b"".join(parts))
+    assert isinstance(event, Request) and event.op is Op.WRITE_BATCH
+    assert event.length == 4096 * 2 + 100 and event.offset == 0
+    entries = write_batch_entries(event.payload, event.length)
+    assert [(o, n) for o, n, _ in entries] == [(8192, 4096), (0, 100), (8192, 4096)]
+    got = [bytes(event.payload[pos:pos + n]) for _, n, pos in entries]
+    assert got == [bytes(d) for _, d in writes]
+    assert event.payload == batch.payload() and zlib.crc32(batch.payload()) == batch.crc
+
+
+@pytest.mark.parametrize(
+    "writes",
+    [[], [(0, b"")], [(U64, b"ab")], [(1 << 64, b"a")], [(-1, b"a")],
+     [(0, b"a")] * (MAX_BATCH_WRITES + 1)],
+    ids=["none", "empty data", "past u64", "offset beyond u64", "negative", "too many"],
+)
+def test_write_batch_build_refuses_unframable(writes: list[tuple[int, bytes]]) -> None:
+    with pytest.raises(ValueError):
+        WriteBatch.build(writes)
+
+
+def test_write_batch_bounds_and_state_on_the_sending_side() -> None:
+    client, _ = handshake(max_payload=8192)
+    with pytest.raises(LocalProtocolError, match="exceeds"):
+        client.encode_write_batch(1, VID, 1, WriteBatch.build([(0, bytes(8192))]))
+    assert client.in_flight == 0
+    client.encode_write_batch(1, VID, 1, WriteBatch.build([(0, DATA)]))
+    with pytest.raises(LocalProtocolError, match="already in flight"):
+        client.encode_write_batch(1, VID, 1, WriteBatch.build([(0, DATA)]))
+    with pytest.raises(LocalProtocolError, match="state"):
+        Connection(Role.CLIENT).encode_write_batch(1, VID, 1, WriteBatch.build([(0, DATA)]))
+    _, server = handshake()
+    with pytest.raises(LocalProtocolError, match="client"):
+        server.encode_write_batch(1, VID, 1, WriteBatch.build([(0, DATA)]))
+
+
 def test_hello_required_first() -> None:
     client = Connection(Role.CLIENT)
     with pytest.raises(LocalProtocolError):
@@ -225,9 +275,15 @@ def ck(block_size: int, algo: int, length: int = 1) -> bytes:
     return raw_frame(Op.CHECKSUM, length=length, payload=struct.pack(">IB", block_size, algo))
 
 
+def batch_frame(count: int, entries: list[tuple[int, int]], data: bytes,
+                length: int | None = None) -> bytes:
+    table = struct.pack(">I", count) + b"".join(struct.pack(">QI", o, n) for o, n in entries)
+    return raw_frame(Op.WRITE_BATCH, length=len(data) if length is None else length,
+                     payload=table + data)
+
+
 REPLY = int(Flag.REPLY)
 NO_CRC = int(Flag.NO_PAYLOAD_CRC)
-U64 = (1 << 64) - 1
 SERVER_GARBAGE = [
     ("bad magic", raw_frame(Op.FLUSH, magic=b"TDM0"), "bad magic"),
     ("bad version", raw_frame(Op.FLUSH, version=2), "version"),
@@ -254,6 +310,16 @@ SERVER_GARBAGE = [
     ("checksum block size", ck(1000, 1), "power of two"),
     ("checksum algorithm", ck(512, 9), "algorithm"),
     ("checksum reply too big", ck(512, 2, length=1 << 31), "exceed"),
+    ("batch without writes", batch_frame(0, [], b""), "does not match"),
+    ("batch count beyond table", batch_frame(3, [(0, 2)], b"ab"), "does not match"),
+    ("batch lengths short", batch_frame(2, [(0, 1), (9, 2)], b"abcd"), "add up"),
+    ("batch lengths long", batch_frame(1, [(0, 5)], b"abcd"), "add up"),
+    ("batch empty entry", batch_frame(2, [(0, 0), (0, 4)], b"abcd"), "empty"),
+    ("batch entry overflow", batch_frame(1, [(U64, 2)], b"ab"), "beyond u64"),
+    ("batch length field", batch_frame(1, [(0, 4)], b"abcd", length=3), "does not match"),
+    ("batch with offset", raw_frame(Op.WRITE_BATCH, offset=4096, length=1,
+                                    payload=struct.pack(">IQI", 1, 0, 1) + b"a"), "offsets"),
+    ("batch too short", raw_frame(Op.WRITE_BATCH, length=0, payload=b"ab"), "too short"),
     ("duplicate request id", raw_frame(Op.FLUSH) + raw_frame(Op.FLUSH), "already in flight"),
     ("hello once ready", hello_frame(HELLO_A), "not allowed"),
 ]

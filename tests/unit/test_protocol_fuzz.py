@@ -26,6 +26,7 @@ from replication.messages import (
     Role,
     StatInfo,
     Status,
+    WriteBatch,
 )
 from replication.protocol import Connection, State
 
@@ -35,6 +36,9 @@ FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 
 u64 = st.integers(0, U64)
 vids = st.text(ID_CHARS, min_size=1, max_size=128)
+batch_writes = st.binary(min_size=1, max_size=700).flatmap(
+    lambda data: st.tuples(st.integers(0, U64 + 1 - len(data)), st.just(data))
+)
 specs = st.builds(
     ChecksumSpec, st.integers(9, 20).map(lambda n: 1 << n), st.sampled_from(ChecksumAlgo)
 )
@@ -57,6 +61,10 @@ def requests(draw: st.DrawFn, rid: int) -> Request:
         return Request(op, rid, vid, epoch)
     if op is Op.SETTLE:
         return Request(op, rid, vid, epoch, offset=draw(u64))
+    if op is Op.WRITE_BATCH:
+        batch = WriteBatch.build(draw(st.lists(batch_writes, min_size=1, max_size=6)))
+        flags = draw(st.sampled_from([Flag.NONE, Flag.FUA]))
+        return Request(op, rid, vid, epoch, 0, batch.length, flags, batch.payload())
     flags, payload = Flag.NONE, b""
     if op is Op.WRITE:
         payload = draw(st.binary(max_size=5000))
