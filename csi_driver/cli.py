@@ -66,6 +66,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
 
 def cmd_node(args: argparse.Namespace) -> int:
     from csi_driver.server import run_node
+    from replication.heap import keep_large_buffers_on_heap
 
     config = cfg.NodeConfig(
         node_id=args.node_id,
@@ -82,6 +83,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         lease_ttl_s=args.lease_ttl,
         max_volumes=args.max_volumes,
     )
+    keep_large_buffers_on_heap()  # the node process hosts the replica server
     _run(run_node(config))
     return 0
 

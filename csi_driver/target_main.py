@@ -33,6 +33,7 @@ from csi_driver.state.etcd import EtcdStore, LeaseKeeper
 from csi_driver.state.model import OwnerClaim, VolumeRecord
 from replication.backend import BackendIOError
 from replication.fencing import connect_and_fence, open_volume
+from replication.heap import keep_large_buffers_on_heap
 from replication.local_replica import LocalReplica
 from replication.local_writers import LocalWriters
 from replication.nbd_server import NbdServer
@@ -235,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     import uvloop
 
+    keep_large_buffers_on_heap()
     return uvloop.run(run(args))
 
 

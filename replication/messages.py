@@ -30,10 +30,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import struct
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
+
+from replication.checksum import crc32
 
 PROTOCOL_VERSION = 1
 MAGIC = b"TDM1"
@@ -327,7 +328,7 @@ class WriteBatch:
     offsets: tuple[int, ...]  # also in the table; kept for a local replica's pwrites
     data: tuple[Buffer, ...]
     length: int  # data bytes: the header's length field
-    crc: int  # zlib.crc32 of the whole payload
+    crc: int  # CRC-32 of the whole payload
 
     @classmethod
     def build(cls, writes: Sequence[tuple[int, Buffer]]) -> WriteBatch:
@@ -340,14 +341,14 @@ class WriteBatch:
                 [pack(offset, len(data)) for offset, data in writes])
         except struct.error as exc:
             raise ValueError(f"write not framable: {exc}") from None
-        crc = zlib.crc32(table)
+        crc = crc32(table)
         length = 0
         for offset, data in writes:
             n = len(data)
             if not n or offset + n > U64_MAX + 1:
                 raise ValueError("batch entries need data and must end within u64")
             length += n
-            crc = zlib.crc32(data, crc)
+            crc = crc32(data, crc)
         offsets, datas = zip(*writes, strict=True)
         return cls(table, offsets, datas, length, crc)
 
@@ -385,7 +386,7 @@ def block_digests(data: Buffer, block_size: int, algo: ChecksumAlgo) -> bytes:
     view = memoryview(data)
     blocks = (view[i : i + block_size] for i in range(0, len(view), block_size))
     if algo is ChecksumAlgo.CRC32:
-        return b"".join(zlib.crc32(block).to_bytes(4, "big") for block in blocks)
+        return b"".join(crc32(block).to_bytes(4, "big") for block in blocks)
     return b"".join(hashlib.blake2b(block, digest_size=16).digest() for block in blocks)
 
 

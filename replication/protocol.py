@@ -9,7 +9,7 @@ Frame (big-endian, 50-byte fixed header, ``messages.HEADER``)::
 
     off  size  field         meaning
     0    4     magic         b"TDM1"
-    4    4     header_crc    zlib.crc32 of bytes [8, 50 + vid_len): everything after itself
+    4    4     header_crc    CRC-32 (zlib's) of bytes [8, 50 + vid_len): all after itself
     8    1     version       1
     9    1     op            messages.Op
     10   2     flags         FUA 0x1, NO_HOLE 0x2, NO_PAYLOAD_CRC 0x4000, REPLY 0x8000
@@ -18,7 +18,7 @@ Frame (big-endian, 50-byte fixed header, ``messages.HEADER``)::
     28   8     offset        byte offset (SETTLE: the settled sequence number)
     36   4     length        byte count of the range
     40   4     payload_len   <= max_payload (default 32 MiB)
-    44   4     payload_crc   zlib.crc32 of the payload; 0 if NO_PAYLOAD_CRC or empty
+    44   4     payload_crc   CRC-32 of the payload; 0 if NO_PAYLOAD_CRC or empty
     48   1     status        messages.Status; 0 on requests
     49   1     vid_len       0..128; 0 on HELLO and on every response
     50   n     volume_id     ASCII [A-Za-z0-9_.-]
@@ -33,12 +33,12 @@ raises ``LocalProtocolError``.
 from __future__ import annotations
 
 import struct
-import zlib
 from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
 from replication import messages as m
+from replication.checksum import crc32
 from replication.messages import HEADER_SIZE, MAGIC, Buffer, Event, Op, Request, Response, Status
 
 __all__ = ["Connection", "State"]
@@ -53,13 +53,17 @@ _RESPONSE_FLAGS = int(m.RESPONSE_WIRE_FLAGS)
 _unpack_header = m.HEADER.unpack_from
 _pack_body = m.HEADER_BODY.pack
 _pack_prefix = m.HEADER_PREFIX.pack
-_crc32 = zlib.crc32
+_crc32 = crc32
 _new_request = m.new_request
 _new_response = m.new_response
 _CRC_FROM = m.HEADER_CRC_START
 _VERSION = m.PROTOCOL_VERSION
 _Remote = m.RemoteProtocolError
 _Local = m.LocalProtocolError
+
+
+_RBUF_MIN = 256 << 10  # the receive buffer's smallest size, and the most a read may ask for
+_RBUF_KEEP = 4 << 20  # kept between frames; a bigger one is for one big frame only
 
 
 class State(Enum):
@@ -102,6 +106,9 @@ class Connection:
         self._state = _AWAIT
         self._buf = bytearray()  # only ever the one frame split across receive_data calls
         self._need = HEADER_SIZE  # bytes of the pending frame needed before parsing again
+        # get_buffer / buffer_updated: received bytes live in [_rpos, _rend) of _rbuf.
+        self._rbuf = bytearray(0)
+        self._rpos = self._rend = 0
         # request id -> (op, OK reply payload length or -1): checks replies, catches ids
         # that are unsolicited or reused while in flight, bounds the pipeline.
         self._in_flight: dict[int, tuple[Op, int]] = {}
@@ -119,11 +126,13 @@ class Connection:
         """Stop: later receive_data returns [] and sends raise LocalProtocolError."""
         self._state = _CLOSED
         self._buf = bytearray()  # a fresh one: a traceback may still pin the old one's views
+        self._rpos = self._rend = 0
         self._in_flight.clear()
 
     def receive_eof(self) -> list[Event]:
         """The peer closed its side: an error if it stopped mid-frame; closes either way."""
-        pending = bool(self._buf)  # close() empties it, so a closed connection has none
+        # close() empties both, so a closed connection has none
+        pending = bool(self._buf) or self._rend > self._rpos
         self.close()
         return [m.ProtocolErrorEvent("peer closed mid-frame")] if pending else []
 
@@ -143,6 +152,45 @@ class Connection:
         except _Remote as exc:
             events.append(m.ProtocolErrorEvent(str(exc), exc.reply))
             self.close()
+        return events
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next received bytes go (``asyncio.BufferedProtocol.get_buffer``); then
+        call ``buffer_updated``. Receiving this way costs one copy (kernel to this buffer)
+        and no allocation per chunk; the buffer is reused, so the payload views of events
+        from earlier calls are invalid once this is called again: copy what you keep.
+        Do not mix with ``receive_data`` on one connection."""
+        buf = self._rbuf
+        pending = self._rend - self._rpos
+        # The whole pending frame must fit behind its start: move it to the front, or
+        # grow into a new buffer (never resize in place: old views may still be exported).
+        need = max(self._need, _RBUF_MIN)  # > pending: there is always room to receive
+        if self._rpos and (not pending or len(buf) - self._rpos < need):
+            buf[:pending] = buf[self._rpos : self._rend]
+            self._rpos, self._rend = 0, pending
+        if need > len(buf) or (not pending and len(buf) > _RBUF_KEEP):
+            new = bytearray(max(need, min(2 * len(buf), _RBUF_KEEP)))
+            new[:pending] = buf[self._rpos : self._rend]
+            self._rbuf = buf = new
+            self._rpos, self._rend = 0, pending
+        return memoryview(buf)[self._rend :]
+
+    def buffer_updated(self, nbytes: int) -> list[Event]:
+        """``nbytes`` were written into the last ``get_buffer``: the events they complete.
+        Payloads are read-only views into the buffer, valid until the next get_buffer."""
+        self._rend += nbytes
+        if self._state is _CLOSED:
+            self._rpos = self._rend = 0
+            return []
+        events: list[Event] = []
+        try:
+            view = memoryview(self._rbuf)[: self._rend].toreadonly()
+            self._rpos = self._parse(view, self._rpos, False, events)
+        except _Remote as exc:
+            events.append(m.ProtocolErrorEvent(str(exc), exc.reply))
+            self.close()
+        if self._rpos == self._rend:
+            self._rpos = self._rend = 0
         return events
 
     def _complete_pending(self, view: memoryview, events: list[Event]) -> int:
@@ -315,7 +363,7 @@ class Connection:
         """Frame a request as [header, payload] for ``transport.writelines`` (no copy).
 
         ``payload_crc`` lets a caller sending one payload to several replicas compute
-        zlib.crc32 once; it is trusted, and a wrong value makes the peer drop the connection.
+        its CRC-32 once; it is trusted, and a wrong value makes the peer drop the connection.
         """
         if self.role is not m.Role.CLIENT:
             raise _Local("only a client sends requests")

@@ -206,7 +206,7 @@ class ReplicaClient:
         fua: bool = False,
         payload_crc: int | None = None,
     ) -> asyncio.Future[Response]:
-        """``payload_crc``: zlib.crc32(data) if already known (sending to several replicas)."""
+        """``payload_crc``: checksum.crc32(data) if already known (sending to several replicas)."""
         flags = _FUA if fua else 0
         return self._submit(Op.WRITE, volume_id, epoch, offset, len(data), flags, data, payload_crc)
 

@@ -20,9 +20,11 @@ import signal
 import sys
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import cast
 
+from replication.heap import keep_large_buffers_on_heap
 from replication.local_writers import LocalWriters
 from replication.messages import Buffer, Hello, Op, ProtocolErrorEvent, Request, Role, Status
 from replication.pool.base import Pool
@@ -89,8 +91,13 @@ class ReplicaServer:
         self._housekeeping = asyncio.get_running_loop().call_later(HOUSEKEEPING_S, self._tick)
 
 
-class _ServerConnection(asyncio.Protocol):
-    """One client connection. Requests behind a barrier wait in ``_held``, in order."""
+class _ServerConnection(asyncio.BufferedProtocol):
+    """One client connection. Requests behind a barrier wait in ``_held``, in order.
+
+    Bytes are received straight into the codec's reusable buffer (one copy, no allocation
+    per chunk: a 1 MiB write used to be copied four times). Request payloads are views into
+    it, valid until the next receive: every op consumes its payload before returning,
+    except requests held behind a barrier, which are copied."""
 
     def __init__(self, server: ReplicaServer) -> None:
         self._server = server
@@ -130,15 +137,18 @@ class _ServerConnection(asyncio.Protocol):
                 log.warning("replica connection %s: %s", self._peer, ev.reason)
         return False  # close our side too: a client that stops sending is done
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._conn.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
         self._in_batch = True
         try:
-            for ev in self._conn.receive_data(data):
+            for ev in self._conn.buffer_updated(nbytes):
                 if type(ev) is Request:
                     if self._held is None:
                         self._dispatch(ev)
                     else:
-                        self._held.append(ev)
+                        self._held.append(_detached(ev))
                 elif isinstance(ev, ProtocolErrorEvent):
                     self._protocol_error(ev)
                     break
@@ -225,6 +235,13 @@ class _ServerConnection(asyncio.Protocol):
             self._transport.resume_reading()
 
 
+def _detached(req: Request) -> Request:
+    """``req`` with a payload of its own, to outlive the receive buffer."""
+    if not req.payload:
+        return req
+    return replace(req, payload=bytes(req.payload))
+
+
 def _parse_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
@@ -277,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         runner = asyncio.Runner()
     else:
         runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    keep_large_buffers_on_heap()
     try:
         with runner:
             runner.run(_serve(args, FilePool(args.pool_dir, args.pool_size)))

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import errno
 import logging
-import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -33,6 +32,7 @@ from replication.authority import (
 )
 from replication.backend import BackendIOError, Payload
 from replication.bitmap import DirtyBitmap
+from replication.checksum import crc32
 from replication.errors import ReplicaUnavailableError
 from replication.messages import Response, Status, WriteBatch
 from replication.replica_client import ReplicaClient
@@ -278,7 +278,7 @@ class ReplicatedBackend:
         if not self._budget.try_acquire(n):
             await self._budget.acquire(n)
         try:
-            crc = zlib.crc32(data)
+            crc = crc32(data)
             await self._fan_out(
                 lambda c: c.write(self.volume_id, self.epoch, offset, data, fua=fua,
                                   payload_crc=crc),

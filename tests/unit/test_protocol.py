@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -144,6 +145,55 @@ def test_frames_split_at_every_byte_boundary() -> None:
     conn = handshake()[1]
     events = [e for i in range(len(wire)) for e in conn.receive_data(wire[i : i + 1])]
     assert events == reqs
+
+
+def receive_buffered(conn: Connection, wire: bytes, step: int) -> list[Request]:
+    """Feed ``wire`` through get_buffer/buffer_updated at most ``step`` bytes at a time,
+    keeping copies of the payloads (the views die with the next get_buffer)."""
+    out: list[Request] = []
+    pos = 0
+    while pos < len(wire):
+        buf = conn.get_buffer(-1)
+        n = min(len(buf), step, len(wire) - pos)
+        buf[:n] = wire[pos:pos + n]
+        pos += n
+        for ev in conn.buffer_updated(n):
+            assert isinstance(ev, Request), ev
+            out.append(replace(ev, payload=bytes(ev.payload)))
+    return out
+
+
+def test_buffered_receive_splits_grows_and_shrinks() -> None:
+    client, _ = handshake()
+    big = bytes(range(256)) * 4096 * 5  # 5 MiB: more than the buffer keeps between frames
+    reqs = [
+        Request(Op.WRITE, 1, VID, 1, 0, 4096, payload=DATA),
+        Request(Op.WRITE, 2, VID, 1, 0, len(big), payload=big),
+        Request(Op.FLUSH, 3, VID, 1),
+        Request(Op.WRITE, 4, VID, 1, 8192, 4096, payload=DATA),
+    ]
+    wire = b"".join(client.send(r) for r in reqs)
+    for step in (1, 7, 4096, 65536, len(wire)):
+        server = handshake()[1]
+        assert receive_buffered(server, wire, step) == reqs, step
+        # Back to its everyday size once the big frame is consumed, never empty.
+        assert 0 < len(server.get_buffer(-1)) <= 4 << 20
+    server = handshake()[1]
+    cut = len(wire) - 100
+    assert receive_buffered(server, wire[:cut], 1 << 20) == reqs[:3]
+    assert_protocol_error(server, server.receive_eof(), "mid-frame")
+    assert len(server.get_buffer(-1)) > 0 and server.buffer_updated(10) == []
+
+
+def test_buffered_receive_yields_views_without_copying() -> None:
+    client, server = handshake()
+    buf = server.get_buffer(-1)
+    wire = client.send(Request(Op.WRITE, 1, VID, 1, 0, 4096, payload=DATA))
+    buf[:len(wire)] = wire
+    (event,) = server.buffer_updated(len(wire))
+    assert isinstance(event, Request) and isinstance(event.payload, memoryview)
+    assert event.payload.readonly and event.payload == DATA
+    assert event.payload.obj is buf.obj  # a view into the receive buffer itself
 
 
 def test_request_ids_echoed_out_of_order() -> None:
