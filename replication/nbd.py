@@ -43,6 +43,8 @@ NBD_EPERM, NBD_EIO, NBD_ENOMEM, NBD_EINVAL, NBD_ENOSPC = 1, 5, 12, 22, 28
 NBD_EOVERFLOW, NBD_ENOTSUP, NBD_ESHUTDOWN = 75, 95, 108
 
 MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD = 512, 4096, 32 * 1024 * 1024
+SCRATCH_SIZE = 256 * 1024  # what one buffered read may bring (as uvloop's own buffer)
+DIRECT_MIN = 64 * 1024  # write payloads this big are received into their own buffer
 # Legitimate options are an export name (<= 4 KiB) plus a few info codes; more
 # than this is a peer trying to make us buffer without bound.
 MAX_OPTION_LEN, MAX_NAME_LEN = 64 * 1024, 4096
@@ -159,6 +161,12 @@ class NbdServerConnection:
         self._buf = b""  # handshake bytes not yet parsed
         self._parts: list[Payload] = []  # pieces of a frame split across chunks
         self._have = 0
+        # get_buffer / buffer_updated: small reads land in _scratch; a big write's payload
+        # is received straight into a buffer of its own (_direct, _direct_filled).
+        self._scratch = bytearray(SCRATCH_SIZE)
+        self._direct: bytearray | None = None
+        self._direct_filled = 0
+        self._direct_header: tuple[int, int, int, int] = (0, 0, 0, 0)  # flags handle off len
         self._out: list[Payload] = [_GREETING.pack(NBDMAGIC, IHAVEOPT, _SERVER_FLAGS)]
 
     @property
@@ -192,6 +200,52 @@ class NbdServerConnection:
                 rest, self._buf = self._buf, b""
                 self._receive_requests(rest, events)
         return events
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next received bytes go (``asyncio.BufferedProtocol.get_buffer``), then
+        call ``buffer_updated``. A write payload of DIRECT_MIN bytes or more that is still
+        arriving is received into a buffer of its own, which becomes the event's data: one
+        copy (the kernel's) instead of three. Do not mix with ``receive_data``."""
+        if self._direct is not None:
+            return memoryview(self._direct)[self._direct_filled :]
+        return memoryview(self._scratch)
+
+    def buffer_updated(self, nbytes: int) -> list[Event]:
+        """``nbytes`` were written into the last ``get_buffer``: the events they complete."""
+        direct = self._direct
+        if direct is None:
+            received = self.receive_data(bytes(memoryview(self._scratch)[:nbytes]))
+            if self._have >= _REQ_LEN and self._state is State.TRANSMISSION:
+                self._maybe_go_direct()
+            return received
+        self._direct_filled += nbytes
+        if self._direct_filled < len(direct) or self._state is not State.TRANSMISSION:
+            return []
+        self._direct = None
+        flags, handle, offset, length = self._direct_header
+        events: list[Event] = []
+        err = self._check(flags, CMD_FLAG_FUA, offset, length, NBD_ENOSPC)
+        if err:
+            self._out.append(_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, err, handle))
+        else:
+            data = memoryview(direct).toreadonly()
+            events.append(WriteRequest(handle, offset, data, bool(flags & CMD_FLAG_FUA)))
+        return events
+
+    def _maybe_go_direct(self) -> None:
+        """If the partial frame is a big write, move what arrived of it into its own
+        buffer; the rest is then received there."""
+        pending = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+        magic, flags, cmd, handle, offset, length = _REQUEST.unpack_from(pending)
+        # _parse has checked the magic and the payload limit of any header it kept.
+        if magic != REQUEST_MAGIC or cmd != CMD_WRITE or length < DIRECT_MIN:
+            return
+        buf = bytearray(length)
+        got = len(pending) - _REQ_LEN
+        buf[:got] = memoryview(pending)[_REQ_LEN:]
+        self._parts, self._have = [], 0
+        self._direct, self._direct_filled = buf, got
+        self._direct_header = (flags, handle, offset, length)
 
     def _receive_handshake(self, events: list[Event]) -> None:
         if self._state is State.CLIENT_FLAGS and len(self._buf) >= 4:
@@ -273,6 +327,7 @@ class NbdServerConnection:
     def _fail(self, events: list[Event], reason: str) -> None:
         self._state = State.CLOSED
         self._buf, self._parts, self._have = b"", [], 0
+        self._direct = None
         events.append(ProtocolError(reason))
 
     def _receive_requests(self, data: bytes, events: list[Event]) -> None:

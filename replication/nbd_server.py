@@ -1,7 +1,7 @@
 """The asyncio edge of the NBD front end: a unix socket in front of a BlockBackend.
 
 Owns the listening socket (mode 0600, stale-file removal, removal on close),
-one asyncio Protocol per connection feeding `data_received` into the sans-IO
+one asyncio BufferedProtocol per connection feeding received bytes into the sans-IO
 `NbdServerConnection`, dispatch of requests to the backend (inline through its
 `SyncFastPath` when offered, otherwise one task per request, many in flight),
 reply batching (one `writelines` per received batch and per loop tick), flow
@@ -80,8 +80,11 @@ def _payload_bytes(ev: Request) -> int:
     return ev.length if isinstance(ev, ReadRequest) else 0
 
 
-class _Connection(asyncio.Protocol):
-    """One client connection: bytes to events, events to backend calls, replies back."""
+class _Connection(asyncio.BufferedProtocol):
+    """One client connection: bytes to events, events to backend calls, replies back.
+
+    Received through the codec's buffers (``NbdServerConnection.get_buffer``): a big write's
+    payload goes from the kernel straight into the buffer the backend is handed."""
 
     def __init__(self, server: NbdServer) -> None:
         self._server = server
@@ -125,8 +128,11 @@ class _Connection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
-    def data_received(self, data: bytes) -> None:
-        events = self._nbd.receive_data(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._nbd.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        events = self._nbd.buffer_updated(nbytes)
         out = self._nbd.data_to_send()
         fast, soon = self._fast, self._soon
         for ev in events:

@@ -392,3 +392,54 @@ def test_any_chunking_of_a_request_stream_is_equivalent(
 def test_constants_match_the_spec() -> None:
     assert (nbd.NBD_EINVAL, nbd.NBD_ENOSPC, nbd.NBD_EIO) == (22, 28, 5)
     assert nbd.MAX_PAYLOAD == 32 * 1024 * 1024
+
+
+def feed_buffered(conn: NbdServerConnection, stream: bytes, cuts: list[int]) -> list[object]:
+    """Deliver ``stream`` as an asyncio.BufferedProtocol would: into get_buffer's buffer,
+    never more than it offers, split at ``cuts`` too."""
+    events: list[object] = []
+    bounds = [0, *sorted(c % (len(stream) + 1) for c in cuts), len(stream)]
+    for start, stop in itertools.pairwise(bounds):
+        while start < stop:
+            buf = conn.get_buffer(-1)
+            assert len(buf) > 0
+            n = min(len(buf), stop - start)
+            buf[:n] = stream[start:start + n]
+            start += n
+            events += conn.buffer_updated(n)
+    return events
+
+
+_big_writes = st.builds(
+    lambda h, o, n, f, b: write(h, o * 512, bytes([b]) * (n * 512), f),
+    st.integers(0, 2**64 - 1), st.integers(0, 1 << 17), st.integers(100, 700),
+    st.sampled_from([0, 1]), st.integers(0, 255),
+)  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(_requests, _big_writes), min_size=1, max_size=8), st.data())
+def test_buffered_receive_gives_the_same_events_as_receive_data(
+    frames: list[bytes], data: st.DataObject
+) -> None:
+    stream = b"".join(frames)
+    reference = ready()
+    expected_events = reference.receive_data(stream)
+    expected_replies = sent(reference)
+    conn = ready()
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=10))
+    assert feed_buffered(conn, stream, cuts) == expected_events
+    assert sent(conn) == expected_replies
+
+
+def test_a_big_write_lands_in_a_buffer_of_its_own() -> None:
+    conn = ready()
+    payload = bytes(range(256)) * 1024  # 256 KiB: more than one read brings
+    stream = write(1, 4096, payload) + request(3, 2, 0, 0) + write(3, SIZE, b"e" * 65536)
+    events = feed_buffered(conn, stream, [100, 70_000])
+    assert events == [WriteRequest(1, 4096, payload, False), FlushRequest(2)]
+    data = events[0].data  # type: ignore[attr-defined]
+    assert isinstance(data, memoryview) and data.readonly and len(data.obj) == len(payload)
+    assert simple_replies(sent(conn)) == [(28, 3)]  # the big write past the end: ENOSPC
+    # Back to the scratch buffer once the payload is complete.
+    assert len(conn.get_buffer(-1)) == nbd.SCRATCH_SIZE
