@@ -370,25 +370,6 @@ _requests = st.one_of(
 )  # fmt: skip
 
 
-@settings(max_examples=200)
-@given(st.lists(_requests, min_size=1, max_size=12), st.data())
-def test_any_chunking_of_a_request_stream_is_equivalent(
-    frames: list[bytes], data: st.DataObject
-) -> None:
-    stream = b"".join(frames)
-    reference = ready()
-    expected_events = reference.receive_data(stream)
-    expected_replies = sent(reference)
-    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
-    conn = ready()
-    events, bounds = [], [0, *cuts, len(stream)]
-    for start, stop in itertools.pairwise(bounds):
-        events += conn.receive_data(stream[start:stop])
-    assert events == expected_events
-    assert sent(conn) == expected_replies
-    assert len(events) + len(expected_replies) // 16 == len(frames)
-
-
 def test_constants_match_the_spec() -> None:
     assert (nbd.NBD_EINVAL, nbd.NBD_ENOSPC, nbd.NBD_EIO) == (22, 28, 5)
     assert nbd.MAX_PAYLOAD == 32 * 1024 * 1024
@@ -417,19 +398,28 @@ _big_writes = st.builds(
 )  # fmt: skip
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.lists(st.one_of(_requests, _big_writes), min_size=1, max_size=8), st.data())
-def test_buffered_receive_gives_the_same_events_as_receive_data(
-    frames: list[bytes], data: st.DataObject
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(_requests, _big_writes), min_size=1, max_size=10), st.data(),
+       st.booleans())
+def test_any_chunking_of_a_request_stream_is_equivalent(
+    frames: list[bytes], data: st.DataObject, buffered: bool
 ) -> None:
+    """Cut anywhere, through receive_data or get_buffer/buffer_updated: the same events
+    and replies as the whole stream at once."""
     stream = b"".join(frames)
     reference = ready()
     expected_events = reference.receive_data(stream)
     expected_replies = sent(reference)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
     conn = ready()
-    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=10))
-    assert feed_buffered(conn, stream, cuts) == expected_events
+    if buffered:
+        events = feed_buffered(conn, stream, cuts)
+    else:
+        events = [e for start, stop in itertools.pairwise([0, *cuts, len(stream)])
+                  for e in conn.receive_data(stream[start:stop])]
+    assert events == expected_events
     assert sent(conn) == expected_replies
+    assert len(events) + len(expected_replies) // 16 == len(frames)
 
 
 def test_a_big_write_lands_in_a_buffer_of_its_own() -> None:
