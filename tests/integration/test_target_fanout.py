@@ -24,6 +24,7 @@ import pytest
 from replication.authority import FencedError, ResyncProgress
 from replication.backend import BackendIOError
 from replication.fencing import open_volume
+from replication.messages import Response
 from replication.pool.file import FilePool
 from replication.replica_client import ReplicaClient
 from replication.target import (
@@ -280,6 +281,34 @@ def test_failed_batch_member_leaves_isr_before_any_write_is_acked(
 
     run(scenario())
     assert replicas[0].data() == replicas[1].data()
+
+
+def test_a_batch_that_cannot_be_sent_fences_the_target(
+    replicas: list[Replica], tmp_path: Path
+) -> None:
+    """A bug while framing (a member may have got the batch, another not): nothing is
+    acknowledged and the target stops, so the next owner converges the replicas."""
+    authority = MemoryAuthority(["n0", "n1", "n2"], 1, [1])
+
+    async def scenario() -> None:
+        backend = await open_backend(replicas, authority, tmp_path / "state")
+        client = backend._clients["n2"]
+
+        def broken(*_args: object, **_kwargs: object) -> asyncio.Future[Response]:
+            raise RuntimeError("framing bug")
+
+        client.write_batch = broken  # type: ignore[method-assign]
+        futures = [write_soon(backend, i * 4096, b"q" * 4096) for i in range(3)]
+        for outcome in await asyncio.gather(*futures, return_exceptions=True):
+            assert isinstance(outcome, BackendIOError) and "framing bug" in str(outcome)
+        assert backend.fenced is not None
+        assert not backend.write_soon(0, b"r" * 4096, False, lambda _exc: None)
+        with pytest.raises(BackendIOError, match="fenced"):
+            await backend.write(0, b"r" * 4096, fua=False)
+        await backend.quiesce()  # nothing left counted in flight
+        backend.close()
+
+    run(scenario())
 
 
 def test_takeover_fences_the_old_owner(replicas: list[Replica], tmp_path: Path) -> None:
