@@ -140,9 +140,11 @@ class NbdServerConnection:
     """One server-side NBD connection for a single export, from greeting to close.
 
     The greeting is queued at construction; drain `data_to_send()` after creating
-    the connection and after every `receive_data`. Write payloads in events are
-    memoryviews into the `bytes` handed to `receive_data`, so no payload is copied
-    unless it straddles two chunks.
+    the connection and after every `receive_data` / `buffer_updated`. Write payloads
+    in events are memoryviews into the `bytes` handed to `receive_data`, so no
+    payload is copied unless it straddles two chunks; through `get_buffer` /
+    `buffer_updated` a big payload is received into a buffer of its own instead.
+    Either way a payload stays valid for as long as the caller keeps it.
     """
 
     def __init__(self, export_size: int, export_name: str = "", *, multi_conn: bool = False):

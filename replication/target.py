@@ -1,14 +1,15 @@
 """The volume target: the single writer's fan-out of block I/O to the in-sync replicas.
 
 ``ReplicatedBackend`` implements the NBD front end's ``BlockBackend``. Every write goes to
-every replica in the write set (the ISR plus replicas being rebuilt; frames of one event-loop
-tick leave in one ``writelines`` per replica) and is acknowledged only when all of them
-answered (I1). A replica that fails or times out is removed from the ISR through the
-``Authority`` (etcd CAS) *before* the write is acknowledged, and what it missed is marked in
-its dirty bitmap (I3). A STALE_EPOCH answer or a failed CAS means another owner took over:
-the target is fenced and fails every request from then on (I2). Reads come from the first
-ISR replica (the local one when it is in sync). Rebuild and convergence (``resync``) run
-here because only the single writer can order copies against writes (I4, I5).
+every replica in the write set (the ISR plus replicas being rebuilt; the callback-path
+writes of one event-loop tick travel as one WRITE_BATCH frame per replica) and is
+acknowledged only when all of them answered (I1). A replica that fails or times out is
+removed from the ISR through the ``Authority`` (etcd CAS) *before* the write is
+acknowledged, and what it missed is marked in its dirty bitmap (I3). A STALE_EPOCH answer or
+a failed CAS means another owner took over: the target is fenced and fails every request
+from then on (I2). Reads come from the first ISR replica (the local one when it is in sync).
+Rebuild and convergence (``resync``) run here because only the single writer can order
+copies against writes (I4, I5).
 
 Must not: talk to etcd (the Authority does), parse NBD, or block the event loop.
 """
