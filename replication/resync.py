@@ -111,6 +111,13 @@ class Resync:
         return bytes(response.payload)
 
     async def _diff(self, offset: int, length: int, into: DirtyBitmap) -> None:
+        """Mark in ``into`` the regions of the range whose digests differ, DIFF_CHUNK at a
+        time (each CHECKSUM holds back the writes behind it on its connection)."""
+        end = offset + length
+        for pos in range(offset, end, DIFF_CHUNK):
+            await self._diff_chunk(pos, min(DIFF_CHUNK, end - pos), into)
+
+    async def _diff_chunk(self, offset: int, length: int, into: DirtyBitmap) -> None:
         source = self.backend.source_client()
         ours, theirs = await asyncio.gather(
             self._digests(source, offset, length), self._digests(self.client, offset, length)
@@ -121,8 +128,7 @@ class Resync:
                 into.mark(offset + (i // size) * self.bitmap.region_size, 1)
 
     async def _diff_all(self) -> None:
-        for offset in range(0, self.backend.size, DIFF_CHUNK):
-            await self._diff(offset, min(DIFF_CHUNK, self.backend.size - offset), self.bitmap)
+        await self._diff(0, self.backend.size, self.bitmap)
 
     async def _copy_marked(self) -> None:
         region = self.bitmap.region_size

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +28,7 @@ from replication.fencing import open_volume
 from replication.messages import Response
 from replication.pool.file import FilePool
 from replication.replica_client import ReplicaClient
+from replication.resync import DIFF_CHUNK
 from replication.target import (
     BATCH_MAX_WRITES,
     NoInSyncReplicaError,
@@ -424,6 +426,14 @@ def test_new_replica_is_filled_by_checksum_comparison(
         await backend.write(9 << 20, os.urandom(4096), fua=False)
         client = await connect(replicas[2].endpoint)
         await client.fence(VOLUME, 1)
+        real_checksum = client.checksum
+
+        def checksum(volume_id: str, epoch: int, offset: int, length: int,
+                     *args: Any) -> asyncio.Future[Response]:
+            hashed.append((offset, length))
+            return real_checksum(volume_id, epoch, offset, length, *args)
+
+        client.checksum = checksum  # type: ignore[method-assign]
         backend.start_resync("n2", client, join=True)
         await write_random(backend, 100, 4, span=1 << 20)
         await wait_until(lambda: "n2" in backend.isr)
@@ -431,10 +441,15 @@ def test_new_replica_is_filled_by_checksum_comparison(
         backend.close()
         return authority.progress["n2"]
 
+    hashed: list[tuple[int, int]] = []
     progress = run(scenario())
     assert replicas[0].data() == replicas[1].data() == replicas[2].data()
     # Only the regions holding data (0-2 MiB, 9 MiB) differ from the empty new replica.
     assert progress.done_bytes <= 4 << 20  # type: ignore[attr-defined]
+    # The whole volume was compared, never more than DIFF_CHUNK at once: a CHECKSUM holds
+    # back the writes queued behind it on the replica's connection.
+    assert max(length for _, length in hashed) == DIFF_CHUNK < SIZE
+    assert sum(length for offset, length in hashed if offset + length <= SIZE) >= SIZE
 
 
 def test_takeover_converges_in_flight_divergence(
