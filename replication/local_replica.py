@@ -139,7 +139,7 @@ class LocalReplica(ReplicaClient):
         except OSError as exc:
             return self._resolved(self._failure(Op.WRITE, exc))
         if fua:
-            return asyncio.ensure_future(self._sync(fd))
+            return asyncio.ensure_future(self._sync(fd, self._write_ok))
         return self._resolved(self._write_ok)
 
     def write_batch(self, volume_id: str, epoch: int, batch: WriteBatch, *,
@@ -153,7 +153,7 @@ class LocalReplica(ReplicaClient):
         except OSError as exc:
             return self._resolved(self._failure(Op.WRITE_BATCH, exc))
         if fua:
-            return asyncio.ensure_future(self._sync(fd, Op.WRITE_BATCH))
+            return asyncio.ensure_future(self._sync(fd, self._batch_ok))
         return self._resolved(self._batch_ok)
 
     def _direct_fd(self) -> int | None:
@@ -166,15 +166,16 @@ class LocalReplica(ReplicaClient):
             return None
         return fd
 
-    async def _sync(self, fd: int, op: Op = Op.WRITE) -> Response:
+    async def _sync(self, fd: int, ok: Response) -> Response:
+        """fdatasync (a FUA write), then ``ok``; a failure answers for ``ok.op``."""
         dup = os.dup(fd)  # close() may close ours while the thread runs
         try:
             await asyncio.to_thread(os.fdatasync, dup)
         except OSError as exc:
-            return self._failure(op, exc)
+            return self._failure(ok.op, exc)
         finally:
             os.close(dup)
-        return self._write_ok if op is Op.WRITE else self._batch_ok
+        return ok
 
     def read(self, volume_id: str, epoch: int, offset: int,
              length: int) -> asyncio.Future[Response]:

@@ -321,7 +321,7 @@ class WriteBatch:
     """WRITE_BATCH payload: u32 count, count x (u64 offset, u32 length), then the data of
     every entry in table order. The writes are applied in that order, as if sent one by one.
 
-    Built once by the owner and framed for every replica: ``parts`` go to
+    Built once by the owner and framed for every replica: ``table`` and ``data`` go to
     ``transport.writelines`` as they are (no copy of the data), ``crc`` is computed once."""
 
     table: bytes
@@ -352,12 +352,9 @@ class WriteBatch:
         offsets, datas = zip(*writes, strict=True)
         return cls(table, offsets, datas, length, crc)
 
-    @property
-    def parts(self) -> list[Buffer]:
-        return [self.table, *self.data]
-
     def payload(self) -> bytes:
-        return b"".join(self.parts)
+        """The payload in one piece (tests, and senders that want one buffer)."""
+        return self.table + b"".join(self.data)
 
 
 def write_batch_entries(payload: Buffer, length: int) -> list[tuple[int, int, int]]:

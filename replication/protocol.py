@@ -442,7 +442,7 @@ class Connection:
             Op.WRITE_BATCH, flags, request_id, epoch, 0, batch.length, plen, pcrc, 0, vid
         )
         self._in_flight[request_id] = (Op.WRITE_BATCH, 0)
-        return [header, *batch.parts]
+        return [header, batch.table, *batch.data]
 
     def _frame(
         self,

@@ -195,12 +195,16 @@ class ReplicaEngine:
             if epoch < fenced:
                 return _fail(Status.STALE_EPOCH, fenced, f"replica is fenced at epoch {fenced}")
             return _fail(Status.INVALID, fenced, f"not fenced at epoch {epoch} yet")
-        if req.op in _RANGE_OPS and req.offset + req.length > rep.size:
-            info = self._pool.get(rep.volume_id)  # it may have grown since we opened it
-            rep.size = info.size_bytes if info is not None else rep.size
-            if req.offset + req.length > rep.size:
-                return _fail(Status.OUT_OF_RANGE, fenced, f"beyond the size {rep.size}")
+        if req.op in _RANGE_OPS and not self._fits(rep, req.offset + req.length):
+            return _fail(Status.OUT_OF_RANGE, fenced, f"beyond the size {rep.size}")
         return None
+
+    def _fits(self, rep: _Replica, end: int) -> bool:
+        """``end`` is within the replica (re-read from the pool: it may have grown)."""
+        if end > rep.size:
+            info = self._pool.get(rep.volume_id)
+            rep.size = info.size_bytes if info is not None else rep.size
+        return end <= rep.size
 
     # -- operations: inline ones return a Result, the rest a Deferred ---------------------
 
@@ -240,13 +244,9 @@ class ReplicaEngine:
     def _write_batch(self, rep: _Replica, req: Request) -> Result | Deferred:
         payload = req.payload
         entries = write_batch_entries(payload, req.length)  # the codec validated it already
-        end = max(offset + n for offset, n, _ in entries)
-        if end > rep.size:  # all or nothing: no write of a batch lands if one cannot
-            info = self._pool.get(rep.volume_id)
-            rep.size = info.size_bytes if info is not None else rep.size
-            if end > rep.size:
-                return _fail(Status.OUT_OF_RANGE, rep.meta.fenced_epoch,
-                             f"beyond the size {rep.size}")
+        # All or nothing: no write of a batch lands if one cannot.
+        if not self._fits(rep, max(offset + n for offset, n, _ in entries)):
+            return _fail(Status.OUT_OF_RANGE, rep.meta.fenced_epoch, f"beyond the size {rep.size}")
         if not rep.meta.write_ready:
             rep.meta.mark_dirty()
         view = memoryview(payload)

@@ -106,7 +106,7 @@ class _Batch:
 
     __slots__ = ("bytes", "dones", "handle", "writes")
 
-    def __init__(self, handle: asyncio.Handle | None) -> None:
+    def __init__(self, handle: asyncio.Handle) -> None:
         self.writes: list[tuple[int, Payload]] = []
         self.dones: list[WriteDone] = []
         self.bytes = 0
@@ -191,7 +191,6 @@ class ReplicatedBackend:
         self._dropping: dict[str, asyncio.Future[None]] = {}
         self._budget = _ByteBudget(MAX_INFLIGHT_BYTES)
         self._members: list[str] | None = None
-        self._remote_members: list[str] | None = None
         self._ops: set[asyncio.Future[list[Response | BaseException]]] = set()
         self._joins = 0  # callback-path writes in flight (write_soon), batched or sent
         self._batch: _Batch | None = None
@@ -225,19 +224,14 @@ class ReplicatedBackend:
 
     def _write_set(self) -> list[str]:
         # Cached: it only changes with the ISR or a resync, and is read on every write.
+        # Remote replicas first: their frames are on the wire while the local one is written.
         if self._members is None:
-            self._members = self._isr + [n for n in self._resyncs if n not in self._isr]
+            members = self._isr + [n for n in self._resyncs if n not in self._isr]
+            self._members = sorted(members, key=lambda n: n == self._local)
         return self._members
 
     def _membership_changed(self) -> None:
         self._members = None
-        self._remote_members = None
-
-    def _remote_first(self) -> list[str]:
-        if self._remote_members is None:
-            members = self._write_set()
-            self._remote_members = sorted(members, key=lambda n: n == self._local)
-        return self._remote_members
 
     async def _fan_out(
         self, send: Callable[[ReplicaClient], asyncio.Future[Response]], offset: int,
@@ -324,15 +318,13 @@ class ReplicatedBackend:
         batch, self._batch = self._batch, None
         if batch is None:
             return
-        if batch.handle is not None:
-            batch.handle.cancel()
+        batch.handle.cancel()  # when sent early (full): the tick's call finds nothing
         ranges = [(offset, len(data)) for offset, data in batch.writes]
         # Marked when sent, not when queued: the write set may have changed in between.
         for bitmap in self._bitmaps.values():
             for offset, length in ranges:
                 bitmap.mark(offset, length)
-        # Remote replicas first: their frames are on the wire while we pwrite the local one.
-        members = self._remote_first()
+        members = self._write_set()
         futures: list[asyncio.Future[Response]] = []
         try:
             wb = WriteBatch.build(batch.writes)
