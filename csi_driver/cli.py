@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from csi_driver.config import DEFAULT_LEASE_TTL_S
+from replication.hold import DEFAULT_HOLD_S
 
 # gRPC's fork handlers crash children forked (for mount, losetup, mkfs) while its threads are
 # busy ("skipping fork() handlers", then SIGSEGV before exec). The children exec at once and
@@ -82,6 +83,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         state_dir=Path(args.state_dir),
         lease_ttl_s=args.lease_ttl,
         max_volumes=args.max_volumes,
+        hold_io_s=args.hold_io_timeout,
     )
     keep_large_buffers_on_heap()  # the node process hosts the replica server
     _run(run_node(config))
@@ -130,8 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--lvm-vg")
     node.add_argument("--lvm-thin-pool")
     node.add_argument("--state-dir", required=True)
-    node.add_argument("--lease-ttl", type=float, default=DEFAULT_LEASE_TTL_S,
-                      help="ownership and node lease TTL in seconds (takeover waits this long)")
+    node.add_argument("--lease-ttl", type=cfg.lease_ttl_arg, default=DEFAULT_LEASE_TTL_S,
+                      help="ownership and node lease TTL, whole seconds (takeover waits this "
+                      "long)")
+    node.add_argument("--hold-io-timeout", type=float, default=DEFAULT_HOLD_S,
+                      help="how long a volume's I/O waits (instead of failing) while its "
+                      "owner cannot confirm its lease, e.g. during an etcd outage")
     node.add_argument("--max-volumes", type=int, default=0)
     node.set_defaults(func=cmd_node)
 

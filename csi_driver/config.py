@@ -6,17 +6,23 @@ that names the flag, and the CLI turns it into exit status 2.
 
 from __future__ import annotations
 
+import argparse
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from replication.hold import DEFAULT_HOLD_S
 
 TOPOLOGY_KEY = "tandem.csi.io/node"
 DRIVER_NAME = "tandem.csi.io"
 DRIVER_VERSION = "0.1.0"
 # Ownership/node lease TTL. A takeover waits for the dead owner's lease to lapse, so this is
 # the floor of failover time; the owner self-fences 0.5 s before it, so it must also cover
-# etcd hiccups (renewals every TTL/3: two may be missed). Integer seconds (etcd leases).
-DEFAULT_LEASE_TTL_S = 2.0
+# etcd hiccups (renewals every TTL/3: two may be missed). Integer seconds: etcd grants whole
+# seconds, and a fencing clock on 2.5 s over a 2 s (or 3 s) lease has no margin (or a lie).
+DEFAULT_LEASE_TTL_S = 2
+MAX_LEASE_TTL_S = 600
 # The node-down responder (docs/node-down-responder.md). Grace: 15x the node lease TTL (a
 # node plugin restart or an etcd hiccup is not a death), 3 kubelet Lease renewals (10 s
 # each), and under Kubernetes' node-monitor-grace-period (40 s; 50 s since 1.32).
@@ -31,6 +37,24 @@ _NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 class ConfigError(ValueError):
     """A configuration value is missing or invalid."""
+
+
+def lease_ttl_arg(text: str) -> int:
+    """``--lease-ttl`` as an argparse type: whole seconds in 1..600 ("2" or "2.0"; "2.5"
+    is refused with the reason, exit status 2)."""
+    try:
+        value = float(text)
+        check_lease_ttl(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError)
+                                         else f"not a number: {text!r}") from None
+    return int(value)
+
+
+def check_lease_ttl(value: float) -> None:
+    if not math.isfinite(value) or value != int(value) or not 1 <= value <= MAX_LEASE_TTL_S:
+        raise ConfigError(f"--lease-ttl must be whole seconds within 1..{MAX_LEASE_TTL_S} "
+                          f"(etcd leases are), got {value}")
 
 
 def parse_size(text: str) -> int:
@@ -120,8 +144,9 @@ class NodeConfig:
     lvm_vg: str | None
     lvm_thin_pool: str | None
     state_dir: Path
-    lease_ttl_s: float = DEFAULT_LEASE_TTL_S
+    lease_ttl_s: int = DEFAULT_LEASE_TTL_S
     max_volumes: int = 0
+    hold_io_s: float = DEFAULT_HOLD_S
 
     def __post_init__(self) -> None:
         if not _NODE_ID_RE.match(self.node_id):
@@ -132,8 +157,9 @@ class NodeConfig:
             raise ConfigError("--pool file needs --pool-dir and a positive --pool-size")
         if self.pool_kind == "lvm" and not self.lvm_vg:
             raise ConfigError("--pool lvm needs --lvm-vg")
-        if not 1.0 <= self.lease_ttl_s <= 600:
-            raise ConfigError(f"--lease-ttl must be within 1..600 s, got {self.lease_ttl_s}")
+        check_lease_ttl(self.lease_ttl_s)
+        if not 0 <= self.hold_io_s <= 3600:
+            raise ConfigError(f"--hold-io-timeout must be within 0..3600 s, got {self.hold_io_s}")
         if self.max_volumes < 0:
             raise ConfigError("--max-volumes must be >= 0 (0 = unlimited)")
 

@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from csi_driver.devcluster import ClusterSpec, load_spec
-from csi_driver.ownership import Ownership
+from csi_driver.ownership import OwnerLease, Ownership
 from csi_driver.state.etcd import EtcdStore
+from csi_driver.targets import lease_args
 
 READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 15.0
@@ -74,7 +75,8 @@ class ExportHandle:
         if self.returncode is None:
             self.returncode = await asyncio.to_thread(_terminate, self.proc)
         async with _store(load_spec(self.cluster_dir)) as store:
-            await Ownership(store, self.node_id).release(self.volume_id)
+            await Ownership(store, self.node_id, spec_ttl(self.cluster_dir)).release(
+                self.volume_id)
         return self.returncode
 
 
@@ -111,13 +113,17 @@ def tail(path: Path, lines: int = _TAIL_LINES) -> str:
     return "\n".join(kept) if kept else "(empty log)"
 
 
+def spec_ttl(cluster_dir: Path) -> int:
+    return int(load_spec(cluster_dir).lease_ttl_s)
+
+
 def _argv(spec: ClusterSpec, volume_id: str, node_id: str, socket_path: Path,
-          state_dir: Path) -> list[str]:
+          state_dir: Path, lease: OwnerLease) -> list[str]:
     return [
         sys.executable, "-m", "csi_driver.target_main",
         "--volume-id", volume_id, "--node-id", node_id, "--socket", str(socket_path),
         "--etcd-endpoints", spec.etcd_host_endpoint, "--etcd-prefix", spec.etcd_prefix,
-        "--state-dir", str(state_dir), "--lease-ttl", str(spec.lease_ttl_s),
+        "--state-dir", str(state_dir), *lease_args(lease),
     ]
 
 
@@ -163,9 +169,14 @@ async def export_volume(
     spec.node(as_node)  # ClusterError for a node the cluster does not have
     async with _store(spec) as store:
         volume_id = await store.volume_id_for_name(volume_id) or volume_id
-        await Ownership(store, as_node).acquire(volume_id)
+        ownership = Ownership(store, as_node, int(spec.lease_ttl_s))
+        await ownership.acquire(volume_id)
+        lease = ownership.lease(volume_id)
+        assert lease is not None
     try:
-        handle = _spawn(cluster_dir, spec, volume_id, as_node, Path(socket_path))
+        # The claim's lease lapses if the target does not start renewing it within a TTL:
+        # the target then regains the claim at the same epoch (or stops, if overtaken).
+        handle = _spawn(cluster_dir, spec, volume_id, as_node, Path(socket_path), lease)
         try:
             line, timed_out = await asyncio.to_thread(_await_ready, handle.proc,
                                                       ready_timeout_s)
@@ -180,12 +191,12 @@ async def export_volume(
         return handle
     except BaseException:
         async with _store(spec) as store:
-            await Ownership(store, as_node).release(volume_id)
+            await ownership.release(volume_id)
         raise
 
 
 def _spawn(cluster_dir: Path, spec: ClusterSpec, volume_id: str, node_id: str,
-           socket_path: Path) -> ExportHandle:
+           socket_path: Path, lease: OwnerLease) -> ExportHandle:
     state_dir = cluster_dir / "exports" / node_id
     state_dir.mkdir(parents=True, exist_ok=True)
     log_path = state_dir / f"{volume_id}.log"
@@ -195,7 +206,7 @@ def _spawn(cluster_dir: Path, spec: ClusterSpec, volume_id: str, node_id: str,
         # Own session: a Ctrl-C in the terminal reaches the CLI, which stops the target
         # in order (flush, then release ownership), not both at once.
         proc = subprocess.Popen(
-            _argv(spec, volume_id, node_id, socket_path, state_dir),
+            _argv(spec, volume_id, node_id, socket_path, state_dir, lease),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )

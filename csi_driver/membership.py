@@ -53,9 +53,10 @@ class Membership:
 
     async def register(self) -> None:
         ttl = self._config.lease_ttl_s
-        self._lease = await self._store.grant_lease(max(1, round(ttl)))
+        sent = time.monotonic()  # the lease runs from the grant's send, not its answer
+        self._lease = await self._store.grant_lease(ttl)
         await self._store.put_node(await self._record(), self._lease)
-        self.last_renewed = time.monotonic()
+        self.last_renewed = sent
         log.info("node=%s registered lease=%x ttl=%.1fs", self._config.node_id, self._lease, ttl)
 
     async def run(self) -> None:
@@ -68,8 +69,9 @@ class Membership:
                 if self._lease is None:
                     await self.register()
                     continue
+                sent = time.monotonic()
                 await self._store.keep_alive_once(self._lease)
-                self.last_renewed = time.monotonic()
+                self.last_renewed = sent
                 if self._dirty.is_set():
                     self._dirty.clear()
                     await self._store.put_node(await self._record(), self._lease)

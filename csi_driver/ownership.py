@@ -1,22 +1,28 @@
-"""Volume ownership: who may write a volume, moved only by etcd compare-and-swap.
+"""Volume ownership: who may write a volume, moved only by one etcd transaction.
 
-Staging a volume on a node makes that node the owner and bumps the volume's epoch (I2);
-unstaging releases it. Liveness of an owner is its target's claim (``owners/<volume>``,
-bound to the target's own lease): a volume whose owner still holds a live claim is refused
-with a retryable error (RWO); one whose claim is gone (released, or the lease expired
-because the owner died or is cut off) is taken over at once (I6). Every acquisition bumps
-the epoch, even by the same node, so a zombie target from an earlier stage is fenced too.
+Staging a volume on a node makes that node the owner: in **one transaction** the epoch is
+bumped by CAS on the volume record and the owner's claim (``owners/<volume>``) is created,
+bound to a fresh lease that the volume's target process then keeps alive (I2, I6). Of two
+racing stages exactly one wins; the loser re-reads and finds the winner's live claim. A
+volume whose claim is live (another node serves it) is refused with a retryable error (RWO);
+one whose claim is gone (released, or the lease expired because the owner died or is cut off
+from etcd) is taken over at once. Every acquisition bumps the epoch, even by the same node,
+so a zombie target from an earlier stage is fenced too.
+
+``decide_takeover`` is the decision, pure; ``Ownership`` reads, decides, acts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from dataclasses import dataclass
 
 from csi_driver import errors
 from csi_driver.state import errors as store_errors
-from csi_driver.state.model import VolumePhase, VolumeRecord
+from csi_driver.state.model import OwnerClaim, VolumePhase, VolumeRecord
 from csi_driver.state.store import Store
 
 log = logging.getLogger(__name__)
@@ -28,56 +34,114 @@ _CAS_RETRIES = 8
 CLAIM_POLL_S = 0.025
 
 
+@dataclass(frozen=True)
+class OwnerLease:
+    """The lease our claim is bound to, handed to the target process that keeps it alive.
+
+    ``granted_monotonic`` is when the grant was *sent* (CLOCK_MONOTONIC is system-wide, so
+    another process on this node can use it): the lease cannot expire before that moment
+    plus ``ttl_s``, which is what the target's self-fencing clock starts from.
+    """
+
+    lease_id: int
+    ttl_s: int
+    granted_monotonic: float
+
+
+@dataclass(frozen=True)
+class Takeover:
+    """What ``decide_takeover`` allows: take the volume, replacing ``replaces`` (or none)."""
+
+    replaces: OwnerClaim | None
+
+
+def decide_takeover(record: VolumeRecord | None, claim: OwnerClaim | None,
+                    node_id: str) -> Takeover | str:
+    """May ``node_id`` take the volume now? A Takeover, or why not (a sentence).
+
+    Our own claim (a target of ours from an earlier stage, whose lease has not lapsed yet)
+    is replaced; the epoch bump fences that target. Anyone else's live claim blocks.
+    """
+    if record is None or record.phase is not VolumePhase.READY:
+        return "absent"
+    if claim is None:
+        return Takeover(None)
+    if claim.node_id == node_id:
+        return Takeover(claim)
+    return f"staged on node {claim.node_id}, which still serves it"
+
+
 class Ownership:
-    def __init__(self, store: Store, node_id: str, claim_wait_s: float = 0.0) -> None:
+    def __init__(self, store: Store, node_id: str, lease_ttl_s: int,
+                 claim_wait_s: float = 0.0) -> None:
         self._store = store
         self._node_id = node_id
+        self._ttl_s = lease_ttl_s
         # How long a stage waits for another owner's claim to lapse before answering "held":
         # one lease TTL covers an owner that just died, so the takeover needs no CO retry.
         self._claim_wait_s = claim_wait_s
+        self._leases: dict[str, OwnerLease] = {}
+
+    def lease(self, volume_id: str) -> OwnerLease | None:
+        """The lease of our current claim on ``volume_id`` (None when we hold none)."""
+        return self._leases.get(volume_id)
 
     async def acquire(self, volume_id: str) -> VolumeRecord:
-        """Become the owner of ``volume_id``; return the record with our epoch."""
-        for _ in range(_CAS_RETRIES):
+        """Become the owner of ``volume_id``; return the record with our epoch. The claim's
+        lease is then ``lease(volume_id)``: the target must keep it alive, or revoke it."""
+        deadline = time.monotonic() + self._claim_wait_s
+        conflicts = 0
+        while conflicts < _CAS_RETRIES:
             found = await self._store.get_volume(volume_id)
-            if found is None or found.value.phase is not VolumePhase.READY:
+            claim = await self._store.get_owner(volume_id)
+            decision = decide_takeover(found.value if found else None, claim, self._node_id)
+            if decision == "absent" or found is None:
                 raise errors.NotFoundError(f"volume {volume_id} does not exist")
-            record = found.value
-            owner = record.owner
-            if owner not in (None, self._node_id) and await self._claim_held(volume_id, owner):
+            if isinstance(decision, str):
+                if time.monotonic() < deadline:  # bounded by the claim wait
+                    await asyncio.sleep(CLAIM_POLL_S)
+                    continue
                 raise errors.FailedPreconditionError(
-                    f"volume {volume_id} is staged on node {owner}, which still serves it; "
-                    "unstage it there first (retry later)"
-                )
+                    f"volume {volume_id} is {decision}; unstage it there first (retry later)")
+            conflicts += 1
+            record = found.value
             new = record.with_(owner=self._node_id, epoch=record.epoch + 1)
+            lease = await self._grant()
             try:
-                await self._store.update_volume(new, found.mod_revision)
+                await self._store.take_ownership(new, found.mod_revision,
+                                                 OwnerClaim(self._node_id, new.epoch),
+                                                 lease.lease_id, decision.replaces)
             except store_errors.ConflictError:
+                await self._revoke(lease)
                 continue
-            log.info(
-                "volume=%s node=%s epoch=%d acquired (previous owner %s)",
-                volume_id, self._node_id, new.epoch, record.owner,
-            )
+            except BaseException:
+                await self._revoke(lease)
+                raise
+            self._leases[volume_id] = lease
+            log.info("volume=%s node=%s epoch=%d acquired (previous owner %s)",
+                     volume_id, self._node_id, new.epoch, record.owner)
             return new
         raise errors.OperationPendingError(f"volume {volume_id} ownership keeps changing")
 
-    async def _claim_held(self, volume_id: str, owner: str | None) -> bool:
-        """True while ``owner``'s claim lives, waiting up to ``claim_wait_s`` for it to lapse."""
-        deadline = time.monotonic() + self._claim_wait_s
-        while True:
-            claim = await self._store.get_owner(volume_id)
-            if claim is None or claim.node_id != owner:
-                return False
-            if time.monotonic() >= deadline:
-                return True
-            await asyncio.sleep(CLAIM_POLL_S)
+    async def _grant(self) -> OwnerLease:
+        sent = time.monotonic()
+        lease_id = await self._store.grant_lease(self._ttl_s)
+        return OwnerLease(lease_id, self._ttl_s, sent)
+
+    async def _revoke(self, lease: OwnerLease) -> None:
+        # Best effort: a lease we cannot revoke lapses by itself within its TTL.
+        with contextlib.suppress(store_errors.StoreError):
+            await self._store.revoke_lease(lease.lease_id)
 
     async def exists(self, volume_id: str) -> bool:
         found = await self._store.get_volume(volume_id)
         return found is not None and found.value.phase is VolumePhase.READY
 
     async def release(self, volume_id: str) -> None:
-        """Give up ownership if we hold it (idempotent)."""
+        """Give up ownership if we hold it (idempotent): the claim goes with its lease."""
+        lease = self._leases.pop(volume_id, None)
+        if lease is not None:
+            await self._revoke(lease)
         for _ in range(_CAS_RETRIES):
             found = await self._store.get_volume(volume_id)
             if found is None or found.value.owner != self._node_id:

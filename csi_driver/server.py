@@ -159,7 +159,8 @@ async def run_node(config: NodeConfig) -> None:
     store = EtcdStore(list(config.etcd.endpoints), prefix=config.etcd.prefix)
     targets = TargetProcesses(config, lambda vid: _replica_path(pool, vid))
     await targets.prepare()
-    ownership = Ownership(store, config.node_id, config.lease_ttl_s + CLAIM_WAIT_EXTRA_S)
+    ownership = Ownership(store, config.node_id, config.lease_ttl_s,
+                          config.lease_ttl_s + CLAIM_WAIT_EXTRA_S)
     staging = StagingService(
         config.node_id, ownership, targets, choose_attacher(), config.state_dir
     )

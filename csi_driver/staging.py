@@ -143,7 +143,10 @@ class StagingService:
         self, volume_id: str, staging_path: str, access_type: str, fs_type: str,
         mount_flags: list[str], epoch: int,
     ) -> StagedVolume:
-        socket = await self._targets.start(volume_id)
+        lease = self._ownership.lease(volume_id)
+        if lease is None:  # acquire() just set it; a concurrent release would be a bug
+            raise errors.OperationPendingError(f"volume {volume_id}: ownership lost while staging")
+        socket = await self._targets.start(volume_id, lease)
         try:
             attachment = await self._attacher.attach(str(socket), volume_id, self._work_dir)
         except BaseException:

@@ -1,11 +1,13 @@
 """The per-volume target process: ``python -m csi_driver.target_main ...``.
 
 One process per volume staged on a node (its own GIL and event loop, and no way for the
-node process to deadlock on I/O to a device it serves itself). It reads the volume record,
-holds an ownership claim bound to its own etcd lease (self-fencing clock), fences every
-replica at the record's epoch, and serves the NBD export on a unix socket. SIGTERM flushes,
-releases the claim and exits 0. Exit status 3 means the volume cannot be served (the message
-on stderr says why); 2 means bad arguments.
+node process to deadlock on I/O to a device it serves itself). The node took ownership
+(epoch and claim in one transaction, csi_driver.ownership) and hands over the claim's lease
+(``--owner-lease``, ``--lease-granted-at``); the target reads the volume record, keeps that
+lease alive (self-fencing clock; after a lapse it regains the claim at the same epoch, see
+replication.hold), fences every replica at the record's epoch, and serves the NBD export on
+a unix socket. SIGTERM flushes, releases the claim and exits 0. Exit status 3 means the
+volume cannot be served (the message on stderr says why); 2 means bad arguments.
 """
 
 from __future__ import annotations
@@ -22,18 +24,19 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from csi_driver.config import DEFAULT_LEASE_TTL_S
+from csi_driver.config import DEFAULT_LEASE_TTL_S, lease_ttl_arg
 
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from csi_driver.config import ConfigError, parse_etcd_endpoints
 from csi_driver.isr_authority import EtcdAuthority
 from csi_driver.state import errors as store_errors
-from csi_driver.state.etcd import EtcdStore, LeaseKeeper
-from csi_driver.state.model import OwnerClaim, VolumeRecord
+from csi_driver.state.etcd import EtcdStore
+from csi_driver.state.model import VolumeRecord, min_in_sync_of
 from replication.backend import BackendIOError
 from replication.fencing import connect_and_fence, open_volume
 from replication.heap import keep_large_buffers_on_heap
+from replication.hold import DEFAULT_HOLD_S
 from replication.local_replica import LocalReplica
 from replication.local_writers import LocalWriters
 from replication.nbd_server import NbdServer
@@ -73,14 +76,14 @@ async def serve(args: argparse.Namespace) -> None:
         raise TargetStartError(f"volume {args.volume_id} is owned by {record.owner}, not us")
     epoch = record.epoch
     ctx = f"volume={args.volume_id} node={args.node_id} epoch={epoch}"
-    authority = EtcdAuthority(store, args.volume_id, args.node_id, epoch, args.lease_ttl)
-    lease = await store.grant_lease(max(1, round(args.lease_ttl)))
-    keeper = LeaseKeeper(store, lease, args.lease_ttl,
-                         on_lost=lambda: log.error("%s ownership lease lost", ctx))
-    keeper.start()
-    authority.expires = keeper.expires_monotonic  # self-fencing reads the real lease clock
-    claim = OwnerClaim(args.node_id, epoch)
-    await store.claim_owner(args.volume_id, claim, lease)
+    authority = EtcdAuthority(store, args.volume_id, args.node_id, epoch, args.owner_lease,
+                              args.lease_ttl, args.lease_granted_at)
+    authority.start()
+    try:
+        min_in_sync = min_in_sync_of(record)
+    except ValueError as exc:
+        await authority.release()
+        raise TargetStartError(str(exc)) from exc
 
     writers = LocalWriters(args.local_writers_dir) if args.local_replica_path else None
 
@@ -99,15 +102,14 @@ async def serve(args: argparse.Namespace) -> None:
         backend = await open_volume(
             args.volume_id, epoch, record.size_bytes, await _endpoints(store, record),
             record.isr, args.node_id, authority, Path(args.state_dir), connect,
+            min_in_sync=min_in_sync, hold_s=args.hold_io_timeout,
         )
     except BaseException:
         # Give the claim back now rather than at lease expiry: a stage elsewhere (or our
         # own retry) must not be refused as "still served" by a target that never served.
         with contextlib.suppress(Exception):
             async with asyncio.timeout(ABANDON_TIMEOUT_S):
-                await store.release_owner(args.volume_id, claim)
-                await keeper.stop()
-                await store.revoke_lease(lease)
+                await authority.release()
         raise
     rejoiner = asyncio.get_running_loop().create_task(
         _rejoin_forever(store, backend, args.volume_id, connect)
@@ -135,9 +137,7 @@ async def serve(args: argparse.Namespace) -> None:
             await backend.flush()
     finally:
         backend.close()
-        await store.release_owner(args.volume_id, claim)
-        await keeper.stop()
-        await store.revoke_lease(lease)
+        await authority.release()
         await store.close()
 
 
@@ -217,7 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--etcd-endpoints", required=True)
     parser.add_argument("--etcd-prefix", default="/tandem/")
     parser.add_argument("--state-dir", required=True)
-    parser.add_argument("--lease-ttl", type=float, default=DEFAULT_LEASE_TTL_S)
+    parser.add_argument("--lease-ttl", type=lease_ttl_arg, default=DEFAULT_LEASE_TTL_S)
+    parser.add_argument("--owner-lease", type=lambda v: int(v, 0), required=True,
+                        help="the etcd lease the node bound our claim to (we keep it alive)")
+    parser.add_argument("--lease-granted-at", type=float, required=True,
+                        help="CLOCK_MONOTONIC time at which that lease's grant was sent")
+    parser.add_argument("--hold-io-timeout", type=float, default=DEFAULT_HOLD_S,
+                        help="how long I/O waits while ownership is unconfirmed (etcd down)")
     parser.add_argument("--local-replica-path",
                         help="this node's replica of the volume, for direct I/O (the node "
                         "passes it only with --local-writers-dir, its fencing registry)")

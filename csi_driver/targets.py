@@ -23,6 +23,7 @@ from typing import Any
 
 from csi_driver import errors
 from csi_driver.config import NodeConfig
+from csi_driver.ownership import OwnerLease
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,14 @@ class TargetProcesses:
         proc = self._procs.get(volume_id)
         return proc is not None and proc.returncode is None
 
-    def _argv(self, volume_id: str) -> list[str]:
+    def _argv(self, volume_id: str, lease: OwnerLease) -> list[str]:
         c = self._config
         argv = [
             "--volume-id", volume_id, "--node-id", c.node_id,
             "--socket", str(self.socket_path(volume_id)),
             "--etcd-endpoints", ",".join(c.etcd.endpoints), "--etcd-prefix", c.etcd.prefix,
-            "--state-dir", str(self._dir), "--lease-ttl", str(c.lease_ttl_s),
+            "--state-dir", str(self._dir), *lease_args(lease),
+            "--hold-io-timeout", str(c.hold_io_s),
             "--log-file", str(self._dir / f"{volume_id}.log"),
         ]
         local = self._local_replica(volume_id)
@@ -96,23 +98,25 @@ class TargetProcesses:
         finally:
             self._preparing = False
 
-    async def _launch(self, volume_id: str) -> asyncio.subprocess.Process:
+    async def _launch(self, volume_id: str, lease: OwnerLease) -> asyncio.subprocess.Process:
         spare, self._spare = self._spare, None
+        argv = self._argv(volume_id, lease)
         if spare is not None and spare.returncode is None and spare.stdin is not None:
             try:
-                spare.stdin.write(json.dumps(self._argv(volume_id)).encode() + b"\n")
+                spare.stdin.write(json.dumps(argv).encode() + b"\n")
                 await spare.stdin.drain()
                 spare.stdin.close()
                 return spare
             except (BrokenPipeError, ConnectionResetError):
                 await self._kill(spare)
-        return await self._spawn(self._argv(volume_id))
+        return await self._spawn(argv)
 
-    async def start(self, volume_id: str) -> Path:
+    async def start(self, volume_id: str, lease: OwnerLease) -> Path:
+        """Start the target, handing it the lease our claim on the volume is bound to."""
         if self.running(volume_id):
             return self.socket_path(volume_id)
         log_path = self._dir / f"{volume_id}.log"
-        proc = await self._launch(volume_id)
+        proc = await self._launch(volume_id, lease)
         self._background(self.prepare())
         try:
             assert proc.stdout is not None
@@ -179,6 +183,12 @@ class TargetProcesses:
         spare, self._spare = self._spare, None
         if spare is not None:
             await self._kill(spare)
+
+
+def lease_args(lease: OwnerLease) -> list[str]:
+    """The target's arguments that hand it the claim's lease (and when it was granted)."""
+    return ["--owner-lease", hex(lease.lease_id), "--lease-ttl", str(lease.ttl_s),
+            "--lease-granted-at", repr(lease.granted_monotonic)]
 
 
 def local_writers_dir(state_dir: Path) -> Path:

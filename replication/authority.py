@@ -43,6 +43,16 @@ class Authority(Protocol):
         """False once our ownership lease may have expired (self-fencing)."""
         ...
 
+    async def regain(self) -> None:
+        """After ``may_acknowledge()`` turned False (etcd unreachable, lease lapsed): take
+        our claim again at the *same* epoch in one transaction, if the record still names
+        us as owner at that epoch. Returns once ``may_acknowledge()`` is True again.
+
+        Raises FencedError when someone else took over (or the volume is gone) and
+        AuthorityUnavailableError when etcd cannot be reached yet (the caller retries).
+        """
+        ...
+
 
 @dataclass(frozen=True)
 class ResyncProgress:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from replication.authority import Authority, AuthorityUnavailableError, FencedError
 from replication.errors import ReplicaUnavailableError
+from replication.hold import DEFAULT_HOLD_S
 from replication.messages import StatInfo, Status
 from replication.replica_client import ReplicaClient
 from replication.target import NoInSyncReplicaError, ReplicaEndpoint, ReplicatedBackend
@@ -54,7 +55,7 @@ async def _is_dirty(client: ReplicaClient, volume_id: str, epoch: int) -> bool:
 async def open_volume(
     volume_id: str, epoch: int, size: int, endpoints: Sequence[ReplicaEndpoint],
     isr: Sequence[str], local_node: str | None, authority: Authority, state_dir: Path,
-    connect: Connect,
+    connect: Connect, min_in_sync: int = 1, hold_s: float = DEFAULT_HOLD_S,
 ) -> ReplicatedBackend:
     results = await asyncio.gather(
         *(connect_and_fence(e, volume_id, epoch, connect) for e in endpoints),
@@ -86,7 +87,7 @@ async def open_volume(
         raise
     out_of_sync = [e.node_id for e in endpoints if e.node_id not in fenced_isr]
     backend = ReplicatedBackend(volume_id, epoch, size, clients, fenced_isr, local_node,
-                                authority, state_dir, out_of_sync)
+                                authority, state_dir, out_of_sync, min_in_sync, hold_s)
     if len(fenced_isr) > 1 and any(dirty):
         backend.converge()
     return backend

@@ -35,6 +35,7 @@ from replication.backend import BackendIOError, Payload
 from replication.bitmap import DirtyBitmap
 from replication.checksum import crc32
 from replication.errors import ReplicaUnavailableError
+from replication.hold import DEFAULT_HOLD_S, HeldError, Hold
 from replication.messages import Response, Status, WriteBatch
 from replication.replica_client import ReplicaClient
 from replication.resync import Resync
@@ -161,7 +162,10 @@ class _WriteJoin:
         backend._join_finished(self.bytes, len(self.dones))
         error: BackendIOError | None = None
         try:
-            backend._check_serving()
+            backend._check_writable()
+        except HeldError:
+            backend._finish_after_hold(self)
+            return
         except BackendIOError as exc:
             error = exc
         self.finish(error)
@@ -175,9 +179,15 @@ class ReplicatedBackend:
     def __init__(
         self, volume_id: str, epoch: int, size: int, clients: dict[str, ReplicaClient],
         isr: Sequence[str], local_node: str | None, authority: Authority, state_dir: Path,
-        out_of_sync: Sequence[str] = (),
+        out_of_sync: Sequence[str] = (), min_in_sync: int = 1,
+        hold_s: float = DEFAULT_HOLD_S,
     ) -> None:
+        if min_in_sync < 1:
+            raise ValueError(f"min_in_sync must be >= 1, not {min_in_sync}")
         self.volume_id = volume_id
+        # Writes are acknowledged only while at least this many ISR members have them
+        # (StorageClass ``minInSync``; Ceph's min_size): below it they fail with EIO.
+        self.min_in_sync = min_in_sync
         self.epoch = epoch
         self._size = size
         self._clients = clients
@@ -200,6 +210,7 @@ class ReplicatedBackend:
         self._open_gate = asyncio.Event()
         self._open_gate.set()
         self.fenced: str | None = None
+        self.hold = Hold(authority, hold_s, self._fenced_while_held, self._ctx())
 
     @property
     def size(self) -> int:
@@ -215,12 +226,39 @@ class ReplicatedBackend:
     # -- the write path -------------------------------------------------------------------
 
     def _check_serving(self) -> None:
+        """Raise unless we may acknowledge now: BackendIOError when fenced for good,
+        HeldError while our lease is unconfirmed (wait on ``self.hold``, then re-check)."""
         if self.fenced is not None:
             raise BackendIOError(errno.EIO, f"fenced: {self.fenced}")
-        if not self._authority.may_acknowledge():
-            self.fenced = "ownership lease not renewed in time (self-fenced)"
-            log.error("%s %s", self._ctx(), self.fenced)
-            raise BackendIOError(errno.EIO, self.fenced)
+        if not self.hold.active and self._authority.may_acknowledge():
+            return
+        self.hold.begin()  # self-fenced: nothing is acknowledged until the claim is regained
+        self.hold.check()
+
+    def _fenced_while_held(self, reason: str) -> None:
+        if self.fenced is None:
+            self.fenced = reason
+            log.error("%s fenced: %s", self._ctx(), reason)
+
+    async def _until_writable(self) -> None:
+        """``_check_writable``, waiting out a hold (bounded by the hold's timeout)."""
+        for _ in range(3):  # a hold ends regained, fenced or expired: then check raises
+            try:
+                self._check_writable()
+                return
+            except HeldError:
+                await self.hold.wait()
+        self._check_writable()
+
+    def _check_writable(self) -> None:
+        """The acknowledgement rule (I1, I1a), checked before a write starts and again
+        before it is acknowledged: serving, and at least ``min_in_sync`` ISR members (so
+        never an empty ISR). Every ISR member answered OK is the caller's half."""
+        self._check_serving()
+        if len(self._isr) < self.min_in_sync:
+            raise BackendIOError(
+                errno.EIO, f"only {len(self._isr)} in-sync replicas {self._isr}, "
+                f"minInSync is {self.min_in_sync}: write not acknowledged")
 
     def _write_set(self) -> list[str]:
         # Cached: it only changes with the ISR or a resync, and is read on every write.
@@ -239,7 +277,7 @@ class ReplicatedBackend:
     ) -> None:
         if not self._open_gate.is_set():
             await self._open_gate.wait()
-        self._check_serving()
+        await self._until_writable()
         members = self._write_set()
         futures = [send(self._clients[n]) for n in members]
         for bitmap in self._bitmaps.values():
@@ -266,7 +304,7 @@ class ReplicatedBackend:
             failed.append(node)
         if failed:
             await self._drop(failed, ranges)
-        self._check_serving()
+        await self._until_writable()
 
     async def write(self, offset: int, data: Payload, fua: bool) -> None:
         n = len(data)
@@ -295,7 +333,7 @@ class ReplicatedBackend:
         if not self._budget.try_acquire(n):
             return False
         try:
-            self._check_serving()
+            self._check_writable()
         except BackendIOError:
             self._budget.release(n)
             return False  # ``write`` raises it for this request
@@ -358,6 +396,21 @@ class ReplicatedBackend:
                 if not waiter.done():
                     waiter.set_result(None)
 
+    def _finish_after_hold(self, join: _WriteJoin) -> None:
+        """Every member has the batch but our lease is unconfirmed: acknowledge once the
+        claim is regained at our epoch (or fail it if the hold ends otherwise)."""
+        async def later() -> None:
+            error: BackendIOError | None = None
+            try:
+                await self._until_writable()
+            except BackendIOError as exc:
+                error = exc
+            join.finish(error)
+
+        task = self._loop.create_task(later())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _join_failed(self, join: _WriteJoin, results: list[Response | BaseException]) -> None:
         async def conclude() -> None:
             error: BackendIOError | None = None
@@ -365,9 +418,15 @@ class ReplicatedBackend:
                 await self._conclude(join.members, results, join.ranges)
             except BackendIOError as exc:
                 error = exc
-            except Exception as exc:  # never leave the NBD requests unanswered
-                log.exception("%s write failure handling crashed", self._ctx())
-                error = BackendIOError(errno.EIO, f"write failed: {exc}")
+            except BaseException as exc:
+                # Never leave the NBD requests unanswered, and never carry on after a
+                # failure we could not account for: the ISR may not say who has what.
+                if self.fenced is None:
+                    self.fenced = f"write failure handling crashed: {exc!r}"
+                    log.exception("%s %s", self._ctx(), self.fenced)
+                error = BackendIOError(errno.EIO, f"write failed: {exc!r}")
+                if not isinstance(exc, Exception):
+                    raise
             finally:
                 self._join_finished(join.bytes, len(join.dones))
             join.finish(error)
@@ -392,7 +451,11 @@ class ReplicatedBackend:
         self.save_bitmaps()
 
     async def read(self, offset: int, length: int) -> bytes:
-        self._check_serving()
+        try:
+            self._check_serving()
+        except HeldError:
+            await self.hold.wait()
+            self._check_serving()
         return await self.read_source(offset, length)
 
     def read_now(self, offset: int, length: int) -> bytes | None:
@@ -400,9 +463,12 @@ class ReplicatedBackend:
         if not self._open_gate.is_set() or self.fenced is not None or not self._isr:
             return None
         client = self._clients.get(self._isr[0])
-        if client is None:
+        if client is None or self.hold.active:
             return None
-        self._check_serving()
+        try:
+            self._check_serving()
+        except HeldError:
+            return None  # the async read waits for the hold to end
         return client.read_now(offset, length)
 
     def write_now(self, offset: int, data: Payload) -> bool:
@@ -459,7 +525,26 @@ class ReplicatedBackend:
         raise BackendIOError(errno.EIO, f"fenced: {reason}")
 
     async def _drop(self, nodes: Sequence[str], ranges: Ranges) -> None:
-        """Take failed replicas out of the write set (ISR members by CAS, once each)."""
+        """Take failed replicas out of the write set (ISR members by CAS, once each).
+
+        The last ISR member is never removed (I1a): when every member failed, the target
+        fences itself and the ISR stays as it is, so those members remain the source of
+        truth. Any error while doing this, other than etcd being unreachable (the write
+        then waits or fails, and a later one retries), fences the target too.
+        """
+        try:
+            await self._drop_members(nodes, ranges)
+        except BackendIOError:
+            raise
+        except BaseException as exc:
+            if self.fenced is None:
+                self.fenced = f"replica removal failed: {exc!r}"
+                log.error("%s fenced: %s", self._ctx(), self.fenced)
+            raise
+        if not self._isr:
+            self._fence("no in-sync replica left")
+
+    async def _drop_members(self, nodes: Sequence[str], ranges: Ranges) -> None:
         pending = []
         for node in nodes:
             # Marked before the ISR change is confirmed: the regions are recorded as missed
@@ -467,6 +552,13 @@ class ReplicatedBackend:
             bitmap = self._bitmaps.setdefault(node, DirtyBitmap(self._size))
             for offset, length in ranges:
                 bitmap.mark(offset, length)
+        in_isr = [n for n in nodes if n in self._isr]
+        survivors = [n for n in self._isr if n not in nodes and n not in self._dropping]
+        if in_isr and not survivors:
+            # Every in-sync member failed this request: none may be removed, since one of
+            # them has to stay the source of truth; nothing is acknowledged from now on.
+            self._fence(f"every in-sync replica {self._isr} failed; keeping them in the ISR")
+        for node in nodes:
             self._abort_resync(node)
             if node not in self._isr:
                 self._disconnect(node)
@@ -477,8 +569,6 @@ class ReplicatedBackend:
                 self._dropping[node] = future
             pending.append(future)
         await asyncio.gather(*pending)
-        if not self._isr:
-            self._fence("no in-sync replica left")
 
     async def _remove(self, node: str) -> None:
         try:
@@ -520,6 +610,8 @@ class ReplicatedBackend:
             if old is not None and old is not client:
                 old.close()
             self._clients[node] = client
+        elif node not in self._clients:
+            return  # dropped since this retry was scheduled: the rejoiner brings it back
         known = self._bitmaps.get(node) if join else None
         if known is not None and known.dirty_regions == known.regions:
             known = None  # "everything": comparing checksums copies less
@@ -600,10 +692,23 @@ class ReplicatedBackend:
         return self._bitmaps.get(node)
 
     def save_bitmaps(self) -> None:
-        self._state_dir.mkdir(parents=True, exist_ok=True)
+        """Persist what each replica outside the ISR missed. A bitmap that cannot be
+        written (say ENOSPC on the state dir) is removed instead: no file means "rebuild
+        everything", always safe, while a stale file would under-report what it missed."""
+        try:
+            self._state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.warning("%s bitmaps not saved: %s", self._ctx(), exc)
         for node, bitmap in self._bitmaps.items():
-            if node not in self._isr:
-                bitmap.save(self._bitmap_path(node))
+            if node in self._isr:
+                continue
+            path = self._bitmap_path(node)
+            try:
+                bitmap.save(path)
+            except OSError as exc:
+                log.warning("%s replica=%s bitmap not saved (%s): it will be rebuilt in full",
+                            self._ctx(), node, exc)
+                path.unlink(missing_ok=True)  # no space needed; if this fails, _drop fences
 
     async def settle(self) -> None:
         """Declare every ISR replica clean (call quiesced, after a flush): the next owner
@@ -612,6 +717,7 @@ class ReplicatedBackend:
         await asyncio.gather(*futures, return_exceptions=True)
 
     def close(self) -> None:
+        self.hold.close()
         for task in self._tasks:
             task.cancel()
         for _, task in self._resyncs.values():

@@ -47,6 +47,13 @@ class AlreadyExistsError(StoreError):
         self.existing = existing
 
 
+class InvariantError(StoreError, ValueError):
+    """The write would break a record invariant (I1b): refused, nothing written.
+
+    A bug in the caller, never a transient condition: do not retry it.
+    """
+
+
 class LeaseExpiredError(StoreError):
     """The lease is unknown to the backend: it expired or was revoked."""
 

@@ -23,6 +23,7 @@ from csi_driver.state.errors import (
     AlreadyExistsError,
     CompactedError,
     ConflictError,
+    InvariantError,
     LeaseExpiredError,
     StoreError,
     StoreUnavailableError,
@@ -44,7 +45,13 @@ from csi_driver.state.etcd_ops import (
     txn_op,
 )
 from csi_driver.state.lease import LeaseKeeper
-from csi_driver.state.model import NodeRecord, OwnerClaim, Versioned, VolumeRecord
+from csi_driver.state.model import (
+    NodeRecord,
+    OwnerClaim,
+    Versioned,
+    VolumeRecord,
+    transition_problem,
+)
 from csi_driver.state.progress import ProgressMixin
 from csi_driver.state.store import WATCH_KINDS, Store, WatchEvent, WatchEventType
 
@@ -183,6 +190,9 @@ class EtcdStore(ProgressMixin, Store):
 
     async def create_volume(self, rec: VolumeRecord) -> Versioned[VolumeRecord]:
         vkey, nkey = self.key("volumes", rec.volume_id), self.key("names", rec.name)
+        problem = rec.invariant_problem()
+        if problem is not None:
+            raise InvariantError(f"volume {rec.volume_id}: refused: {problem}")
         req = etcd_pb2.TxnRequest(
             compare=[compare_create(vkey, 0),
                      compare_create(nkey, 0)],
@@ -212,12 +222,30 @@ class EtcdStore(ProgressMixin, Store):
     async def update_volume(
         self, rec: VolumeRecord, expected_mod_revision: int
     ) -> Versioned[VolumeRecord]:
+        return await self._cas_volume(rec, expected_mod_revision, [], [])
+
+    async def _cas_volume(
+        self, rec: VolumeRecord, expected_mod_revision: int,
+        compares: list[etcd_pb2.Compare], puts: list[etcd_pb2.RequestOp],
+    ) -> Versioned[VolumeRecord]:
+        """CAS ``rec`` (plus ``compares``/``puts`` in the same txn) after the invariants.
+
+        The current record is read first so the transition (epoch monotonic, I1b) can be
+        checked against exactly the value the CAS will replace: one more round trip on a
+        path that runs only when ownership or membership changes.
+        """
+        current = await self.get_volume(rec.volume_id)
+        if current is None or current.mod_revision != expected_mod_revision:
+            raise _conflict(rec.volume_id, expected_mod_revision, current)
+        problem = transition_problem(current.value, rec)
+        if problem is not None:
+            raise InvariantError(f"volume {rec.volume_id}: refused: {problem}")
         vkey, nkey = self.key("volumes", rec.volume_id), self.key("names", rec.name)
         req = etcd_pb2.TxnRequest(
             # The name-index compare makes "name is immutable" part of the CAS.
             compare=[compare_mod(vkey, expected_mod_revision),
-                     compare_value(nkey, rec.volume_id.encode())],
-            success=[put_op(vkey, rec.to_json(), prev_kv=True)],
+                     compare_value(nkey, rec.volume_id.encode()), *compares],
+            success=[put_op(vkey, rec.to_json(), prev_kv=True), *puts],
             failure=[get_op(vkey)],
         )
         resp = await self._txn(req, f"update volume {rec.volume_id}")
@@ -225,12 +253,12 @@ class EtcdStore(ProgressMixin, Store):
             prev = resp.responses[0].response_put.prev_kv
             return Versioned(rec, resp.header.revision, prev.create_revision, 0)
         kv = first_kv(resp.responses[0])
-        current = decode(VolumeRecord, kv) if kv is not None else None
-        if current is not None and current.mod_revision == expected_mod_revision:
-            if current.value.name != rec.name:
+        now = decode(VolumeRecord, kv) if kv is not None else None
+        if now is not None and now.mod_revision == expected_mod_revision and not compares:
+            if now.value.name != rec.name:
                 raise ValueError(f"volume {rec.volume_id}: the name is immutable")
             raise StoreError(f"name index {nkey!r} does not point at volume {rec.volume_id}")
-        raise _conflict(rec.volume_id, expected_mod_revision, current)
+        raise _conflict(rec.volume_id, expected_mod_revision, now)
 
     async def delete_volume(self, volume_id: str, expected_mod_revision: int) -> None:
         current = await self.get_volume(volume_id)
@@ -259,11 +287,15 @@ class EtcdStore(ProgressMixin, Store):
 
     # -- ownership claims ----------------------------------------------------------------
 
-    async def claim_owner(self, volume_id: str, claim: OwnerClaim, lease_id: int) -> None:
-        req = etcd_pb2.PutRequest(
-            key=self.key("owners", volume_id), value=claim.to_json(), lease=lease_id
-        )
-        await self._rpc(f"claim {volume_id}", lambda s: s.kv.Put(req, timeout=self._timeout_s))
+    async def take_ownership(
+        self, rec: VolumeRecord, expected_mod_revision: int, claim: OwnerClaim,
+        lease_id: int, replaces: OwnerClaim | None = None,
+    ) -> Versioned[VolumeRecord]:
+        key = self.key("owners", rec.volume_id)
+        guard = (compare_create(key, 0) if replaces is None
+                 else compare_value(key, replaces.to_json()))
+        return await self._cas_volume(rec, expected_mod_revision, [guard],
+                                      [put_op(key, claim.to_json(), lease=lease_id)])
 
     async def get_owner(self, volume_id: str) -> OwnerClaim | None:
         kv = await self._get_kv(self.key("owners", volume_id), f"get owner {volume_id}")

@@ -97,9 +97,9 @@ def compare_value(key: bytes, value: bytes) -> etcd_pb2.Compare:
     return etcd_pb2.Compare(result=CMP.EQUAL, target=CMP.VALUE, key=key, value=value)
 
 
-def put_op(key: bytes, value: bytes, prev_kv: bool = False) -> etcd_pb2.RequestOp:
+def put_op(key: bytes, value: bytes, prev_kv: bool = False, lease: int = 0) -> etcd_pb2.RequestOp:
     return etcd_pb2.RequestOp(
-        request_put=etcd_pb2.PutRequest(key=key, value=value, prev_kv=prev_kv)
+        request_put=etcd_pb2.PutRequest(key=key, value=value, prev_kv=prev_kv, lease=lease)
     )
 
 

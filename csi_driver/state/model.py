@@ -251,6 +251,20 @@ class VolumeRecord:
         """Node ids holding a replica, in placement order."""
         return tuple(r.node_id for r in self.replicas)
 
+    def invariant_problem(self) -> str | None:
+        """Why this record must not be written (I1b), or None.
+
+        Checked on every write rather than on decode: a record written by an older release
+        that breaks a rule must still load, so that it can be repaired.
+        """
+        stray = [n for n in self.isr if n not in self.replica_nodes()]
+        if stray:
+            return f"isr {list(self.isr)} names non-replicas {stray}"
+        if self.phase is VolumePhase.READY and self.replicas and not self.isr:
+            # A ready volume may hold data: with no in-sync member nothing could serve it.
+            return "a ready volume's isr must not be empty"
+        return None
+
     def with_(self, **changes: Any) -> VolumeRecord:
         """A copy with ``changes`` applied (validated like a fresh record)."""
         return dataclasses.replace(self, **changes)
@@ -293,6 +307,23 @@ class VolumeRecord:
             created_at=_float(obj, "created_at"),
             version=_int(obj, "version"),
         )
+
+
+def min_in_sync_of(record: VolumeRecord) -> int:
+    """The volume's ``minInSync`` StorageClass parameter (default 1), validated again here
+    because the record is what the data plane trusts: ValueError if it makes no sense."""
+    raw = dict(record.parameters).get("minInSync", "1")
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= max(len(record.replicas), 1):
+        raise ValueError(f"volume {record.volume_id}: bad minInSync {raw!r} for "
+                         f"{len(record.replicas)} replicas")
+    return int(raw)
+
+
+def transition_problem(old: VolumeRecord, new: VolumeRecord) -> str | None:
+    """Why replacing ``old`` by ``new`` must not be written, or None (checked by stores)."""
+    if new.epoch < old.epoch:
+        return f"epoch would go back from {old.epoch} to {new.epoch}"
+    return new.invariant_problem()
 
 
 @dataclass(frozen=True)

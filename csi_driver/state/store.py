@@ -114,12 +114,19 @@ class Store(abc.ABC):
     # -- ownership claims ----------------------------------------------------------------
 
     @abc.abstractmethod
-    async def claim_owner(self, volume_id: str, claim: OwnerClaim, lease_id: int) -> None:
-        """Write ``owners/<volume>`` bound to the writer's lease (last writer wins).
+    async def take_ownership(
+        self, rec: VolumeRecord, expected_mod_revision: int, claim: OwnerClaim,
+        lease_id: int, replaces: OwnerClaim | None = None,
+    ) -> Versioned[VolumeRecord]:
+        """One transaction: CAS the volume record and create ``owners/<volume>``.
 
-        The claim is liveness, not authority: authority is the epoch in the volume
-        record, changed only by CAS. The claim vanishes when the lease expires, which
-        is what a takeover waits for.
+        Applied only if the record's mod_revision is ``expected_mod_revision`` *and* the
+        claim key is absent (``replaces`` None) or holds exactly ``replaces``; the claim is
+        written bound to ``lease_id``. Of two racing takeovers exactly one succeeds, and
+        the winner's claim exists from the same revision as its epoch (patroni's
+        "leader key + CAS" in one step). Raises ConflictError, carrying the current record,
+        when either compare fails (the caller re-reads and decides again), and
+        LeaseExpiredError when the lease is already gone. The name is immutable.
         """
 
     @abc.abstractmethod

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from replication.authority import FencedError, ResyncProgress
+from replication.authority import AuthorityUnavailableError, FencedError, ResyncProgress
 from replication.backend import BackendIOError
 from replication.fencing import open_volume
 from replication.messages import Response
@@ -94,6 +94,7 @@ class MemoryAuthority:
     current_epoch: list[int]
     removed: list[str] = field(default_factory=list)
     acknowledge: bool = True
+    reachable: bool = True  # False: like etcd being down, regain() cannot get through
     progress: dict[str, ResyncProgress] = field(default_factory=dict)
 
     async def remove_from_isr(self, node_ids: frozenset[str], reason: str) -> tuple[str, ...]:
@@ -116,6 +117,13 @@ class MemoryAuthority:
 
     def may_acknowledge(self) -> bool:
         return self.acknowledge
+
+    async def regain(self) -> None:
+        if self.current_epoch[0] != self.epoch:
+            raise FencedError(f"epoch moved to {self.current_epoch[0]}")
+        if not self.reachable:
+            raise AuthorityUnavailableError("etcd down (simulated)")
+        self.acknowledge = True
 
 
 @pytest.fixture
@@ -145,11 +153,12 @@ async def connect(endpoint: ReplicaEndpoint) -> ReplicaClient:
 
 
 async def open_backend(
-    replicas: list[Replica], authority: MemoryAuthority, state_dir: Path
+    replicas: list[Replica], authority: MemoryAuthority, state_dir: Path, hold_s: float = 30.0,
+    size: int = SIZE,
 ) -> ReplicatedBackend:
     return await open_volume(
-        VOLUME, authority.epoch, SIZE, [r.endpoint for r in replicas], list(authority.isr),
-        replicas[0].node_id, authority, state_dir, connect,
+        VOLUME, authority.epoch, size, [r.endpoint for r in replicas], list(authority.isr),
+        replicas[0].node_id, authority, state_dir, connect, hold_s=hold_s,
     )
 
 
@@ -343,10 +352,67 @@ def test_self_fenced_owner_acknowledges_nothing(
     authority = MemoryAuthority(["n0", "n1", "n2"], 1, [1])
 
     async def scenario() -> None:
-        backend = await open_backend(replicas, authority, tmp_path / "state")
+        backend = await open_backend(replicas, authority, tmp_path / "state", hold_s=0.3)
         authority.acknowledge = False
+        authority.reachable = False
         with pytest.raises(BackendIOError):
             await backend.write(0, b"z" * 4096, fua=False)
+        assert backend.hold.expired
+        with pytest.raises(BackendIOError):  # past the hold: new I/O fails at once
+            await backend.read(0, 4096)
+        authority.reachable = True  # etcd is back and no one took over: serves again
+        for _ in range(200):
+            if not backend.hold.active:
+                break
+            await asyncio.sleep(0.02)
+        await backend.write(0, b"y" * 4096, fua=False)
+        assert await backend.read(0, 4096) == b"y" * 4096
+        assert backend.fenced is None
+        backend.close()
+
+    run(scenario())
+
+
+def test_held_write_is_acknowledged_once_the_claim_is_regained(
+    replicas: list[Replica], tmp_path: Path
+) -> None:
+    """Issue 10 #4: an etcd outage holds I/O instead of failing it, and heals by itself."""
+    authority = MemoryAuthority(["n0", "n1", "n2"], 1, [1])
+
+    async def scenario() -> None:
+        backend = await open_backend(replicas, authority, tmp_path / "state")
+        authority.acknowledge = False
+        authority.reachable = False
+        write = asyncio.ensure_future(backend.write(0, b"h" * 4096, fua=False))
+        done, _ = await asyncio.wait([write], timeout=0.5)
+        assert not done, "a write was acknowledged while ownership was unconfirmed"
+        assert backend.hold.active
+        authority.reachable = True
+        await asyncio.wait_for(write, 10)
+        assert backend.hold.regained == 1 and backend.fenced is None
+        assert await backend.read(0, 4096) == b"h" * 4096
+        backend.close()
+
+    run(scenario())
+
+
+def test_held_io_fails_when_another_owner_took_over(
+    replicas: list[Replica], tmp_path: Path
+) -> None:
+    authority = MemoryAuthority(["n0", "n1", "n2"], 1, [1])
+
+    async def scenario() -> None:
+        backend = await open_backend(replicas, authority, tmp_path / "state")
+        authority.acknowledge = False
+        authority.reachable = False
+        write = asyncio.ensure_future(backend.write(0, b"t" * 4096, fua=False))
+        done, _ = await asyncio.wait([write], timeout=0.3)
+        assert not done
+        authority.current_epoch[0] = 2  # a takeover happened while we were cut off
+        authority.reachable = True
+        with pytest.raises(BackendIOError):
+            await asyncio.wait_for(write, 10)
+        assert backend.fenced is not None
         backend.close()
 
     run(scenario())
@@ -476,3 +542,83 @@ def test_takeover_converges_in_flight_divergence(
 
     run(scenario())
     assert replicas[0].data() == replicas[1].data() == replicas[2].data()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 40 MiB tmpfs for pools, replica metadata and the target's state: fills quickly."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+DISK_FULL_SIZE = 48 << 20
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_disk_full_acknowledges_nothing_and_keeps_the_isr(
+    small_disk: Path, count: int
+) -> None:
+    """Issue 10 #1 and #2: every replica hits ENOSPC. Nothing is acknowledged that is not on
+    every ISR member, the ISR never empties, and once space is back the volume opens again
+    at a new epoch with every acknowledged write intact."""
+    replicas = []
+    for i in range(count):
+        pool_dir, meta_dir = small_disk / f"pool{i}", small_disk / f"meta{i}"
+        pool_dir.mkdir()
+        meta_dir.mkdir()
+        FilePool(pool_dir, 1 << 30).create(VOLUME, DISK_FULL_SIZE)
+        replicas.append(Replica(f"n{i}", pool_dir, meta_dir, free_port()))
+    authority = MemoryAuthority([r.node_id for r in replicas], 1, [1])
+    chunk = 256 << 10
+
+    async def fill() -> dict[int, bytes]:
+        backend = await open_backend(replicas, authority, small_disk / "state",
+                                     size=DISK_FULL_SIZE)
+        acked: dict[int, bytes] = {}
+        errors = 0
+        for offset in range(0, DISK_FULL_SIZE, chunk):
+            data = os.urandom(chunk)
+            try:
+                await backend.write(offset, data, fua=False)
+                await backend.flush()
+            except BackendIOError:
+                errors += 1
+                continue
+            assert errors == 0, f"write at {offset} acknowledged after a failed one"
+            acked[offset] = data
+        assert errors, "the disk never filled: the test proves nothing"
+        assert backend.fenced is not None  # the last member failed: fenced, not emptied
+        backend.close()
+        return acked
+
+    try:
+        for r in replicas:
+            r.start()
+        acked = run(fill())
+        assert isinstance(acked, dict) and acked
+        assert authority.isr, "the last in-sync replica was removed"
+        subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)], check=True)
+        authority2 = MemoryAuthority(list(authority.isr), 2, [2])
+
+        async def reopen() -> None:
+            backend = await open_backend(replicas, authority2, small_disk / "state2",
+                                         size=DISK_FULL_SIZE)
+            for offset, data in acked.items():
+                assert await backend.read(offset, chunk) == data, f"acked write at {offset} lost"
+            await backend.write(DISK_FULL_SIZE - chunk, b"w" * chunk, fua=True)
+            backend.close()
+
+        run(reopen())
+        for r in replicas:
+            if r.node_id in authority.isr:
+                image = r.data()
+                for offset, data in acked.items():
+                    assert image[offset:offset + chunk] == data
+    finally:
+        for r in replicas:
+            r.kill()
