@@ -305,10 +305,12 @@ class StagingService:
         if volume_path not in (staged.staging_path, *staged.published):
             raise errors.NotFoundError(f"{volume_path} is not a path of volume {volume_id}")
         device_ok = os.path.exists(staged.device)
-        message = "healthy" if device_ok else f"block device {staged.device} is gone"
+        abnormal, message = self._targets.condition(volume_id)
+        if not device_ok:
+            abnormal, message = True, f"block device {staged.device} is gone"
         if staged.access_type == "block" or os.path.isfile(volume_path):
             size = await mount.block_size_bytes(staged.device) if device_ok else 0
-            return VolumeStats(size, 0, 0, 0, 0, 0, True, not device_ok, message)
+            return VolumeStats(size, 0, 0, 0, 0, 0, True, abnormal, message)
         st = os.statvfs(volume_path)
         return VolumeStats(
             total_bytes=st.f_blocks * st.f_frsize,
@@ -318,7 +320,7 @@ class StagingService:
             used_inodes=st.f_files - st.f_ffree,
             available_inodes=st.f_favail,
             is_block=False,
-            abnormal=not device_ok,
+            abnormal=abnormal,
             message=message,
         )
 

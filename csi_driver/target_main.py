@@ -33,6 +33,7 @@ from csi_driver.isr_authority import EtcdAuthority
 from csi_driver.state import errors as store_errors
 from csi_driver.state.etcd import EtcdStore
 from csi_driver.state.model import VolumeRecord, min_in_sync_of
+from replication.atomic_file import write_atomic
 from replication.backend import BackendIOError
 from replication.fencing import connect_and_fence, open_volume
 from replication.heap import keep_large_buffers_on_heap
@@ -46,6 +47,7 @@ from replication.target import ReplicaEndpoint, ReplicatedBackend
 log = logging.getLogger("csi_driver.target")
 
 REJOIN_INTERVAL_S = 2.0
+CONDITION_EVERY_S = 1.0
 FENCE_CONNECT_TIMEOUT_S = 1.0
 ABANDON_TIMEOUT_S = 3.0
 
@@ -111,8 +113,12 @@ async def serve(args: argparse.Namespace) -> None:
             async with asyncio.timeout(ABANDON_TIMEOUT_S):
                 await authority.release()
         raise
+    backend.expected_replicas = len(record.replicas)
     rejoiner = asyncio.get_running_loop().create_task(
         _rejoin_forever(store, backend, args.volume_id, connect)
+    )
+    reporter = asyncio.get_running_loop().create_task(
+        _report_condition(backend, condition_path(Path(args.state_dir), args.volume_id))
     )
     server = NbdServer(args.socket, backend, export_name=args.volume_id)
     await server.start()
@@ -130,6 +136,7 @@ async def serve(args: argparse.Namespace) -> None:
     log.info("%s stopping", ctx)
     server.close()
     rejoiner.cancel()
+    reporter.cancel()
     try:
         if backend.fenced is None:
             await backend.flush()
@@ -165,6 +172,25 @@ async def _rejoin_forever(
                           endpoint.node_id, exc)
                 continue
             backend.start_resync(endpoint.node_id, client, join=True)
+
+
+def condition_path(state_dir: Path, volume_id: str) -> Path:
+    """Where a target publishes its volume's condition for NodeGetVolumeStats."""
+    return state_dir / f"{volume_id}.condition.json"
+
+
+async def _report_condition(backend: ReplicatedBackend, path: Path) -> None:
+    """Publish ``backend.condition()`` whenever it changes (checked every second)."""
+    last: tuple[bool, str] | None = None
+    while True:
+        now = backend.condition()
+        if now != last:
+            try:
+                write_atomic(path, json.dumps({"abnormal": now[0], "message": now[1]}).encode())
+                last = now
+            except OSError as exc:  # a full state dir: try again next round
+                log.warning("volume=%s condition not published: %s", backend.volume_id, exc)
+        await asyncio.sleep(CONDITION_EVERY_S)
 
 
 def _standby_argv() -> list[str] | None:

@@ -142,6 +142,17 @@ class TargetProcesses:
                  proc.pid)
         return self.socket_path(volume_id)
 
+    def condition(self, volume_id: str) -> tuple[bool, str]:
+        """(abnormal, message) of a staged volume, as its target last published it."""
+        if not self.running(volume_id):
+            return True, "the volume's target process is not running: restage it"
+        path = self._dir / f"{volume_id}.condition.json"
+        try:
+            data = json.loads(path.read_bytes())
+            return bool(data["abnormal"]), str(data["message"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False, "serving (no condition published yet)"
+
     async def _reap(self, volume_id: str, proc: asyncio.subprocess.Process) -> None:
         rc = await proc.wait()
         level = logging.INFO if rc == 0 else logging.ERROR

@@ -210,6 +210,8 @@ class ReplicatedBackend:
         self._open_gate = asyncio.Event()
         self._open_gate.set()
         self.fenced: str | None = None
+        self.expected_replicas = len(self._isr)  # the record's replica count (target_main)
+        self.out_of_space: str | None = None  # the last replica that answered ENOSPC
         self.hold = Hold(authority, hold_s, self._fenced_while_held, self._ctx())
 
     @property
@@ -234,6 +236,24 @@ class ReplicatedBackend:
             return
         self.hold.begin()  # self-fenced: nothing is acknowledged until the claim is regained
         self.hold.check()
+
+    def condition(self) -> tuple[bool, str]:
+        """(abnormal, message) for CSI's VolumeCondition: what an operator must know."""
+        if self.fenced is not None:
+            return True, f"fenced, I/O fails: {self.fenced}"
+        if self.hold.active:
+            state = "failing" if self.hold.expired else "holding"
+            return True, f"ownership lease unconfirmed (etcd unreachable?): {state} I/O"
+        if len(self._isr) < self.min_in_sync:
+            return True, (f"writes fail: {len(self._isr)} in-sync replicas {self._isr}, "
+                          f"minInSync {self.min_in_sync}")
+        notes = []
+        if len(self._isr) < self.expected_replicas:
+            notes.append(f"degraded: {len(self._isr)} of {self.expected_replicas} replicas "
+                         f"in sync {self._isr}")
+        if self.out_of_space is not None:
+            notes.append(f"replica {self.out_of_space} ran out of space")
+        return (True, "; ".join(notes)) if notes else (False, "healthy")
 
     def _fenced_while_held(self, reason: str) -> None:
         if self.fenced is None:
@@ -299,6 +319,8 @@ class ReplicatedBackend:
             if isinstance(result, Response):
                 if result.status is Status.OK:
                     continue
+                if result.status is Status.ENOSPC:
+                    self.out_of_space = node
                 if result.status is Status.STALE_EPOCH:
                     self._fence(f"replica {node} is fenced at epoch {result.epoch}")
             failed.append(node)

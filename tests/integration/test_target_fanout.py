@@ -622,3 +622,23 @@ def test_disk_full_acknowledges_nothing_and_keeps_the_isr(
     finally:
         for r in replicas:
             r.kill()
+
+
+def test_convergence_retry_after_a_drop_does_nothing(
+    replicas: list[Replica], tmp_path: Path
+) -> None:
+    """Issue 10 #7: a convergence retry scheduled before its replica was dropped raised
+    KeyError (``self._clients[node]``) inside the event loop's callback."""
+    authority = MemoryAuthority(["n0", "n1", "n2"], 1, [1])
+
+    async def scenario() -> None:
+        backend = await open_backend(replicas, authority, tmp_path / "state")
+        replicas[2].kill()
+        await backend.write(0, b"k" * 4096, fua=False)  # n2 is dropped from the ISR
+        assert "n2" not in backend.isr
+        backend.start_resync("n2", None, join=False)  # the retry, arriving late
+        assert not backend.is_member("n2")
+        await backend.write(4096, b"l" * 4096, fua=False)
+        backend.close()
+
+    run(scenario())
