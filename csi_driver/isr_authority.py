@@ -32,6 +32,16 @@ SELF_FENCE_MARGIN_S = 0.5
 _CAS_RETRIES = 8
 
 
+def isr_after_removal(record: VolumeRecord, node_ids: frozenset[str]) -> tuple[str, ...]:
+    """The ISR without ``node_ids``; FencedError rather than an empty one (I1a: the last
+    in-sync member stays the source of truth, whatever failed)."""
+    isr = tuple(n for n in record.isr if n not in node_ids)
+    if not isr and record.isr:
+        raise FencedError(f"refusing to remove the last in-sync replicas {list(record.isr)} "
+                          f"of {record.volume_id}")
+    return isr
+
+
 def fence_margin(ttl_s: float) -> float:
     """The self-fencing margin for a lease of ``ttl_s`` (at most half of it)."""
     return min(SELF_FENCE_MARGIN_S, ttl_s / 2)
@@ -134,13 +144,9 @@ class EtcdAuthority:
     async def _try_remove(self, node_ids: frozenset[str], reason: str) -> tuple[str, ...]:
         found = await self._ours()
         record = found.value
-        isr = tuple(n for n in record.isr if n not in node_ids)
+        isr = isr_after_removal(record, node_ids)
         if isr == record.isr:
             return isr
-        if not isr:
-            # I1a: the last in-sync member stays the source of truth, whatever failed.
-            raise FencedError(f"refusing to remove the last in-sync replicas {list(record.isr)}"
-                              f" of {self._volume_id}")
         await self._store.update_volume(record.with_(isr=isr), found.mod_revision)
         log.warning("%s isr shrunk to %s: removed %s (%s)", self._ctx(), list(isr),
                     sorted(node_ids), reason)

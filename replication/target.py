@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from replication.ack_rule import plan_failure, write_refusal
 from replication.authority import (
     Authority,
     AuthorityUnavailableError,
@@ -275,10 +276,9 @@ class ReplicatedBackend:
         before it is acknowledged: serving, and at least ``min_in_sync`` ISR members (so
         never an empty ISR). Every ISR member answered OK is the caller's half."""
         self._check_serving()
-        if len(self._isr) < self.min_in_sync:
-            raise BackendIOError(
-                errno.EIO, f"only {len(self._isr)} in-sync replicas {self._isr}, "
-                f"minInSync is {self.min_in_sync}: write not acknowledged")
+        refusal = write_refusal(self._isr, self.min_in_sync)
+        if refusal is not None:
+            raise BackendIOError(errno.EIO, refusal)
 
     def _write_set(self) -> list[str]:
         # Cached: it only changes with the ISR or a resync, and is read on every write.
@@ -574,12 +574,11 @@ class ReplicatedBackend:
             bitmap = self._bitmaps.setdefault(node, DirtyBitmap(self._size))
             for offset, length in ranges:
                 bitmap.mark(offset, length)
-        in_isr = [n for n in nodes if n in self._isr]
-        survivors = [n for n in self._isr if n not in nodes and n not in self._dropping]
-        if in_isr and not survivors:
-            # Every in-sync member failed this request: none may be removed, since one of
-            # them has to stay the source of truth; nothing is acknowledged from now on.
-            self._fence(f"every in-sync replica {self._isr} failed; keeping them in the ISR")
+        plan = plan_failure(self._isr, nodes, self._dropping)
+        if plan.fence is not None:
+            # None may be removed: one of them has to stay the source of truth; nothing is
+            # acknowledged from now on.
+            self._fence(plan.fence)
         for node in nodes:
             self._abort_resync(node)
             if node not in self._isr:
