@@ -16,10 +16,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
+from typing import Protocol
 
 from csi_driver.state import errors as store_errors
 from csi_driver.state.etcd import EtcdStore, LeaseKeeper
 from csi_driver.state.model import OwnerClaim, Versioned, VolumeRecord
+from csi_driver.state.store import Store
 from replication.authority import AuthorityUnavailableError, FencedError, ResyncProgress
 
 log = logging.getLogger(__name__)
@@ -47,13 +50,29 @@ def fence_margin(ttl_s: float) -> float:
     return min(SELF_FENCE_MARGIN_S, ttl_s / 2)
 
 
+class Keeper(Protocol):
+    """What the authority needs of a lease keeper (``LeaseKeeper`` over etcd)."""
+
+    lease_id: int
+    lost: bool
+
+    def expires_monotonic(self) -> float: ...
+    def start(self) -> object: ...
+    async def stop(self) -> None: ...
+
+
 class EtcdAuthority:
     def __init__(
-        self, store: EtcdStore, volume_id: str, node_id: str, epoch: int, lease_id: int,
-        lease_ttl_s: int, granted_monotonic: float,
+        self, store: Store, volume_id: str, node_id: str, epoch: int, lease_id: int,
+        lease_ttl_s: int, granted_monotonic: float, *,
+        clock: Callable[[], float] = time.monotonic,
+        change_deadline_s: float = CHANGE_DEADLINE_S,
     ) -> None:
         """``granted_monotonic``: when the grant of ``lease_id`` was *sent* (the node did
-        it, in the takeover transaction): the lease cannot expire before that plus TTL."""
+        it, in the takeover transaction): the lease cannot expire before that plus TTL.
+        ``clock`` and ``change_deadline_s`` let the simulation drive time."""
+        self._clock = clock
+        self._change_deadline_s = change_deadline_s
         self._store = store
         self._volume_id = volume_id
         self._node_id = node_id
@@ -66,7 +85,8 @@ class EtcdAuthority:
     def _ctx(self) -> str:
         return f"volume={self._volume_id} node={self._node_id} epoch={self._epoch}"
 
-    def _keeper(self, lease_id: int, granted_monotonic: float) -> LeaseKeeper:
+    def _keeper(self, lease_id: int, granted_monotonic: float) -> Keeper:
+        assert isinstance(self._store, EtcdStore), "over other stores, override _keeper"
         return LeaseKeeper(self._store, lease_id, self._ttl_s,
                            on_lost=lambda: log.error("%s ownership lease lost", self._ctx()),
                            granted_monotonic=granted_monotonic)
@@ -76,7 +96,7 @@ class EtcdAuthority:
 
     def may_acknowledge(self) -> bool:
         keeper = self.keeper
-        return not keeper.lost and time.monotonic() < keeper.expires_monotonic() - self._margin_s
+        return not keeper.lost and self._clock() < keeper.expires_monotonic() - self._margin_s
 
     async def regain(self) -> None:
         if self.may_acknowledge():
@@ -87,7 +107,7 @@ class EtcdAuthority:
             if claim is not None and claim != self.claim:
                 raise FencedError(f"volume {self._volume_id} is claimed by {claim.node_id} "
                                   f"at epoch {claim.epoch}")
-            sent = time.monotonic()
+            sent = self._clock()
             lease_id = await self._store.grant_lease(self._ttl_s)
             try:
                 # The record is rewritten unchanged: the CAS proves the epoch did not move
@@ -116,15 +136,18 @@ class EtcdAuthority:
             await self._store.revoke_lease(self.keeper.lease_id)
 
     async def remove_from_isr(self, node_ids: frozenset[str], reason: str) -> tuple[str, ...]:
-        deadline = time.monotonic() + CHANGE_DEADLINE_S
+        deadline = self._clock() + self._change_deadline_s
         delay = 0.05
         while True:
             try:
                 return await self._try_remove(node_ids, reason)
             except store_errors.ConflictError:
-                continue  # someone else changed the record: re-read and re-check the epoch
+                # Someone else changed the record: re-read and re-check the epoch.
+                if self._clock() > deadline:
+                    raise AuthorityUnavailableError("the volume record keeps changing") from None
+                continue
             except store_errors.StoreUnavailableError as exc:
-                if time.monotonic() + delay > deadline:
+                if self._clock() + delay > deadline:
                     raise AuthorityUnavailableError(f"etcd unavailable: {exc}") from exc
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)

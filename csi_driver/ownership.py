@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from csi_driver import errors
@@ -73,8 +74,9 @@ def decide_takeover(record: VolumeRecord | None, claim: OwnerClaim | None,
 
 class Ownership:
     def __init__(self, store: Store, node_id: str, lease_ttl_s: int,
-                 claim_wait_s: float = 0.0) -> None:
+                 claim_wait_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._store = store
+        self._clock = clock
         self._node_id = node_id
         self._ttl_s = lease_ttl_s
         # How long a stage waits for another owner's claim to lapse before answering "held":
@@ -89,7 +91,7 @@ class Ownership:
     async def acquire(self, volume_id: str) -> VolumeRecord:
         """Become the owner of ``volume_id``; return the record with our epoch. The claim's
         lease is then ``lease(volume_id)``: the target must keep it alive, or revoke it."""
-        deadline = time.monotonic() + self._claim_wait_s
+        deadline = self._clock() + self._claim_wait_s
         conflicts = 0
         while conflicts < _CAS_RETRIES:
             found = await self._store.get_volume(volume_id)
@@ -98,7 +100,7 @@ class Ownership:
             if decision == "absent" or found is None:
                 raise errors.NotFoundError(f"volume {volume_id} does not exist")
             if isinstance(decision, str):
-                if time.monotonic() < deadline:  # bounded by the claim wait
+                if self._clock() < deadline:  # bounded by the claim wait
                     await asyncio.sleep(CLAIM_POLL_S)
                     continue
                 raise errors.FailedPreconditionError(
@@ -124,7 +126,7 @@ class Ownership:
         raise errors.OperationPendingError(f"volume {volume_id} ownership keeps changing")
 
     async def _grant(self) -> OwnerLease:
-        sent = time.monotonic()
+        sent = self._clock()
         lease_id = await self._store.grant_lease(self._ttl_s)
         return OwnerLease(lease_id, self._ttl_s, sent)
 
