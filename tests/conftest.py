@@ -12,6 +12,10 @@ import pytest
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", default=False,
                      help="also run the long tests marked slow")
+    parser.addoption("--sim-seeds", type=int, default=1000,
+                     help="how many seeds the control-plane simulation runs")
+    parser.addoption("--sim-seed", type=int, default=None,
+                     help="replay one seed of the control-plane simulation (prints its log)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

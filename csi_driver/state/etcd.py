@@ -237,6 +237,8 @@ class EtcdStore(ProgressMixin, Store):
         current = await self.get_volume(rec.volume_id)
         if current is None or current.mod_revision != expected_mod_revision:
             raise _conflict(rec.volume_id, expected_mod_revision, current)
+        if current.value.name != rec.name:
+            raise ValueError(f"volume {rec.volume_id}: the name is immutable")
         problem = transition_problem(current.value, rec)
         if problem is not None:
             raise InvariantError(f"volume {rec.volume_id}: refused: {problem}")

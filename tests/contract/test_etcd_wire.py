@@ -255,9 +255,9 @@ def test_watch_progress_notify(tmp_path: Path, run: Run, prefix: str) -> None:
         server.stop()
 
 
-def test_status_reports_the_member(open_store: Any, run: Run) -> None:
+def test_status_reports_the_member(open_etcd_store: Any, run: Run) -> None:
     async def body() -> None:
-        async with open_store() as store:
+        async with open_etcd_store() as store:
             status = await store.status()
             assert status.version.startswith("3.") and status.leader == status.member_id
             assert status.revision == await store.current_revision()

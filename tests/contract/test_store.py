@@ -1,8 +1,10 @@
-"""Contract tests for EtcdStore against a real etcd: the guarantees Store documents.
+"""Contract tests for every Store (EtcdStore on a real etcd, MemoryStore): the guarantees
+Store documents.
 
-CRUD and the name index, compare-and-swap, watches, unavailability and prefix
-isolation (leases and node keys: test_store_leases.py). Each test works under its own key prefix
-on the shared etcd unless it needs to stop etcd.
+CRUD and the name index, compare-and-swap, watches, unavailability (leases and node keys:
+test_store_leases.py; ownership and record invariants: test_store_ownership.py). Endpoint
+failover and prefix isolation are etcd's alone. On etcd each test works under its own key
+prefix on the shared server unless it needs to stop etcd.
 """
 
 from __future__ import annotations
@@ -12,17 +14,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import grpc.aio
 import pytest
 
-from csi_driver._gen import etcd_pb2, etcd_pb2_grpc
 from csi_driver.state.errors import (
     AlreadyExistsError,
     CompactedError,
     ConflictError,
     StoreUnavailableError,
 )
-from csi_driver.state.etcd import EtcdStore
 from csi_driver.state.etcd_server import EtcdServer
 from csi_driver.state.model import (
     NodeRecord,
@@ -32,7 +31,7 @@ from csi_driver.state.model import (
     VolumeRecord,
     pairs,
 )
-from csi_driver.state.store import WatchEvent, WatchEventType
+from csi_driver.state.store import Store, WatchEvent, WatchEventType
 
 Run = Callable[[Any], Any]
 
@@ -158,7 +157,8 @@ def test_delete_is_compare_and_swap(open_store: Any, run: Run) -> None:
     async def body() -> None:
         async with open_store() as store:
             v0 = await store.create_volume(volume("vol-1", name="data"))
-            v1 = await store.update_volume(v0.value.with_(phase=VolumePhase.READY), v0.mod_revision)
+            v1 = await store.update_volume(v0.value.with_(phase=VolumePhase.READY, isr=("n1",)),
+                                           v0.mod_revision)
             with pytest.raises(ConflictError) as stale:
                 await store.delete_volume("vol-1", v0.mod_revision)
             assert stale.value.current == v1
@@ -177,7 +177,7 @@ def test_delete_is_compare_and_swap(open_store: Any, run: Run) -> None:
     run(body())
 
 
-async def collect(store: EtcdStore, kind: str, count: int, **kw: Any) -> list[WatchEvent]:
+async def collect(store: Store, kind: str, count: int, **kw: Any) -> list[WatchEvent]:
     events: list[WatchEvent] = []
     watch = store.watch_prefix(kind, **kw)
     try:
@@ -242,16 +242,15 @@ def test_watch_sees_node_expiry(open_store: Any, run: Run) -> None:
     run(body())
 
 
-def test_unavailable_when_etcd_is_stopped(private_etcd: EtcdServer, open_store: Any,
-                                          run: Run) -> None:
+def test_unavailable_when_the_backend_is_cut_off(open_faulty_store: Any, run: Run) -> None:
     async def body() -> None:
-        async with open_store(endpoints=[private_etcd.endpoint], timeout_s=1.0) as store:
+        async with open_faulty_store() as (store, outage):
             await store.create_volume(volume("vol-1"))
             start = await store.current_revision()
             watch = store.watch_prefix("volumes", start_revision=start + 1)
             first = asyncio.ensure_future(watch.__anext__())
             await asyncio.sleep(0.3)  # the watch is established, waiting for events
-            private_etcd.stop()
+            outage()
             with pytest.raises(StoreUnavailableError):
                 await asyncio.wait_for(first, 10)  # an open watch breaks, too
             for call in (store.get_volume("vol-1"), store.list_volumes(),
@@ -268,21 +267,22 @@ def test_unavailable_when_etcd_is_stopped(private_etcd: EtcdServer, open_store: 
 
 
 def test_fails_over_to_next_endpoint(private_etcd: EtcdServer, etcd_server: EtcdServer,
-                                     open_store: Any, run: Run) -> None:
+                                     open_etcd_store: Any, run: Run) -> None:
     async def body() -> None:
         dead = private_etcd.endpoint
         private_etcd.stop()
         live = etcd_server.endpoint.removeprefix("http://")  # both endpoint forms work
-        async with open_store(endpoints=[dead, live]) as store:
+        async with open_etcd_store(endpoints=[dead, live]) as store:
             created = await store.create_volume(volume("vol-1"))
             assert await store.get_volume("vol-1") == created
 
     run(body())
 
 
-def test_prefixes_are_isolated(open_store: Any, prefix: str, run: Run) -> None:
+def test_prefixes_are_isolated(open_etcd_store: Any, prefix: str, run: Run) -> None:
     async def body() -> None:
-        async with open_store(prefix=prefix + "a") as a, open_store(prefix=prefix + "ab") as b:
+        async with (open_etcd_store(prefix=prefix + "a") as a,
+                    open_etcd_store(prefix=prefix + "ab") as b):
             start = await a.current_revision()
             watch_b = asyncio.create_task(collect(b, "volumes", 1, start_revision=start + 1))
             va = await a.create_volume(volume("vol-1", name="same"))
@@ -300,21 +300,20 @@ def test_prefixes_are_isolated(open_store: Any, prefix: str, run: Run) -> None:
     run(body())
 
 
-def test_watch_from_compacted_revision(etcd_server: EtcdServer, open_store: Any,
-                                       run: Run) -> None:
+def test_watch_from_compacted_revision(compact: Any, open_store: Any, run: Run) -> None:
     async def body() -> None:
         async with open_store() as store:
             v0 = await store.create_volume(volume("vol-1"))
             v1 = await store.update_volume(v0.value.with_(epoch=1), v0.mod_revision)
-            target = etcd_server.endpoint.removeprefix("http://")
-            async with grpc.aio.insecure_channel(target) as channel:
-                await etcd_pb2_grpc.KVStub(channel).Compact(
-                    etcd_pb2.CompactionRequest(revision=v1.mod_revision, physical=True))
+            await compact(store, v1.mod_revision)
             with pytest.raises(CompactedError) as compacted:
                 await collect(store, "volumes", 1, start_revision=v0.mod_revision)
             assert compacted.value.compact_revision == v1.mod_revision
+            # The compaction revision itself is still there to watch from.
+            replay = await asyncio.wait_for(
+                collect(store, "volumes", 1, start_revision=v1.mod_revision), 10)
+            assert [e.mod_revision for e in replay] == [v1.mod_revision]
             # The documented recovery: re-list, then watch from the listing's revision.
             assert [v.mod_revision for v in await store.list_volumes()] == [v1.mod_revision]
 
     run(body())
-

@@ -1,7 +1,9 @@
 """Contract tests for leases: node keys live and die with their lease; LeaseKeeper.
 
-Against real etcd processes: expiry without renewal, survival with LeaseKeeper,
-loss reporting (revoked lease, unreachable etcd) and riding out an etcd restart.
+Against every Store (``open_store``): expiry without renewal, renewal, revocation and
+re-registration. Against real etcd processes only, because LeaseKeeper speaks etcd's
+keep-alive stream: survival with LeaseKeeper, loss reporting (revoked lease, unreachable
+etcd) and riding out an etcd restart.
 """
 
 from __future__ import annotations
@@ -68,9 +70,30 @@ def test_node_keys_vanish_after_lease_expiry(open_store: Any, run: Run) -> None:
     run(body())
 
 
-def test_node_keys_survive_while_kept_alive(open_store: Any, run: Run) -> None:
+def test_renewal_restarts_the_ttl_and_revoke_deletes(open_store: Any, run: Run) -> None:
     async def body() -> None:
         async with open_store() as store:
+            lease = await store.grant_lease(2)
+            first = await store.put_node(node("n1"), lease)
+            for _ in range(3):  # 3 s in all: longer than the TTL, renewed every second
+                await asyncio.sleep(1.0)
+                assert await store.keep_alive_once(lease) == 2
+            again = await store.put_node(node("n1"), lease)  # a refresh keeps the key's birth
+            assert again.create_revision == first.create_revision
+            assert again.mod_revision > first.mod_revision
+            assert await store.get_node("n1") == again
+            await store.revoke_lease(lease)
+            await store.revoke_lease(lease)  # idempotent
+            assert await store.list_nodes() == []
+            with pytest.raises(LeaseExpiredError):
+                await store.keep_alive_once(lease)
+
+    run(body())
+
+
+def test_node_keys_survive_while_kept_alive(open_etcd_store: Any, run: Run) -> None:
+    async def body() -> None:
+        async with open_etcd_store() as store:
             lease = await store.grant_lease(2)
             assert 1 <= await store.keep_alive_once(lease) <= 2
             await store.put_node(node("n1"), lease)
@@ -95,10 +118,10 @@ def test_node_keys_survive_while_kept_alive(open_store: Any, run: Run) -> None:
 
 
 @pytest.mark.parametrize("cause", ["revoked", "etcd down"])
-def test_lease_keeper_reports_loss(cause: str, private_etcd: EtcdServer, open_store: Any,
+def test_lease_keeper_reports_loss(cause: str, private_etcd: EtcdServer, open_etcd_store: Any,
                                    run: Run) -> None:
     async def body() -> None:
-        async with open_store(endpoints=[private_etcd.endpoint], timeout_s=1.0) as store:
+        async with open_etcd_store(endpoints=[private_etcd.endpoint], timeout_s=1.0) as store:
             lost = asyncio.Event()
             keeper = LeaseKeeper(store, await store.grant_lease(2), 2.0, lost.set)
             keeper.start()
@@ -118,10 +141,10 @@ def test_lease_keeper_reports_loss(cause: str, private_etcd: EtcdServer, open_st
     run(body())
 
 
-def test_lease_keeper_rides_out_an_etcd_restart(private_etcd: EtcdServer, open_store: Any,
-                                                 run: Run) -> None:
+def test_lease_keeper_rides_out_an_etcd_restart(private_etcd: EtcdServer,
+                                                 open_etcd_store: Any, run: Run) -> None:
     async def body() -> None:
-        async with open_store(endpoints=[private_etcd.endpoint], timeout_s=1.0) as store:
+        async with open_etcd_store(endpoints=[private_etcd.endpoint], timeout_s=1.0) as store:
             lease = await store.grant_lease(3)
             await store.put_node(node("n1"), lease)
             lost: list[bool] = []

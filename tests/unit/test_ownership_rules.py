@@ -8,8 +8,9 @@ import time
 import pytest
 
 from csi_driver.config import ConfigError, check_lease_ttl, lease_ttl_arg
-from csi_driver.isr_authority import SELF_FENCE_MARGIN_S, EtcdAuthority, fence_margin
+from csi_driver.isr_authority import SELF_FENCE_MARGIN_S, EtcdAuthority, Keeper, fence_margin
 from csi_driver.ownership import Takeover, decide_takeover
+from csi_driver.state.memory import MemoryStore
 from csi_driver.state.model import (
     OwnerClaim,
     ReplicaRef,
@@ -100,11 +101,35 @@ def test_self_fence_margin() -> None:
     assert fence_margin(0.6) == pytest.approx(0.3)
 
 
+class _Keeper:
+    def __init__(self, lease_id: int, ttl_s: float, granted: float) -> None:
+        self.lease_id, self.lost, self._expires = lease_id, False, granted + ttl_s
+
+    def expires_monotonic(self) -> float:
+        return self._expires
+
+    def start(self) -> object:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+
+class _Authority(EtcdAuthority):
+    def _keeper(self, lease_id: int, granted_monotonic: float) -> Keeper:
+        return _Keeper(lease_id, self._ttl_s, granted_monotonic)
+
+
 def test_self_fencing_clock_starts_at_the_grant_send() -> None:
     """The target stops acknowledging SELF_FENCE_MARGIN_S before the lease can lapse in
     etcd, counted from when the node *sent* the grant, not when the target started."""
+    store = MemoryStore()
     sent = time.monotonic() - 1.6  # the node granted the lease 1.6 s ago
-    authority = EtcdAuthority(None, "v", "n", 1, 0x1, 2, sent)  # type: ignore[arg-type]
-    assert not authority.may_acknowledge()  # 1.6 s > 2 s - 0.5 s
-    fresh = EtcdAuthority(None, "v", "n", 1, 0x1, 2, time.monotonic())  # type: ignore[arg-type]
-    assert fresh.may_acknowledge()
+    assert not _Authority(store, "v", "n", 1, 0x1, 2, sent).may_acknowledge()  # 1.6 > 2 - 0.5
+    assert _Authority(store, "v", "n", 1, 0x1, 2, time.monotonic()).may_acknowledge()
+    clock = [10.0]
+    at = _Authority(store, "v", "n", 1, 0x1, 2, 10.0, clock=lambda: clock[0])
+    clock[0] = 11.49
+    assert at.may_acknowledge()
+    clock[0] = 11.5  # exactly TTL - margin after the grant was sent
+    assert not at.may_acknowledge()

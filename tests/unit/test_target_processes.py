@@ -16,6 +16,9 @@ import pytest
 
 from csi_driver import errors, targets
 from csi_driver.config import EtcdConfig, NodeConfig
+from csi_driver.ownership import OwnerLease
+
+LEASE = OwnerLease(0x1234, 2, 100.0)
 
 
 def _config(tmp_path: Path) -> NodeConfig:
@@ -63,7 +66,7 @@ def _run(tmp_path: Path, script: str, check: object) -> None:
 
 def test_ready_child_serves(tmp_path: Path) -> None:
     async def check(procs: ScriptedTargets) -> None:
-        path = await procs.start("vol-a")
+        path = await procs.start("vol-a", LEASE)
         assert path == procs.socket_path("vol-a")
         assert procs.running("vol-a")
         await procs.stop("vol-a")
@@ -78,7 +81,7 @@ def test_failed_child_is_reported_without_waiting_for_its_exit(tmp_path: Path) -
 
     async def check(procs: ScriptedTargets) -> None:
         with pytest.raises(errors.UnavailableError, match="no in-sync replica reachable"):
-            await procs.start("vol-a")
+            await procs.start("vol-a", LEASE)
         assert procs.spawned[0].returncode is None, "the stage waited for the child's exit"
         assert not procs.running("vol-a")
 
@@ -92,7 +95,7 @@ def test_hung_failed_child_is_killed_after_the_grace(tmp_path: Path,
 
     async def check(procs: ScriptedTargets) -> None:
         with pytest.raises(errors.UnavailableError):
-            await procs.start("vol-a")
+            await procs.start("vol-a", LEASE)
         rc = await asyncio.wait_for(procs.spawned[0].wait(), 10)
         assert rc == -9
 
@@ -106,7 +109,7 @@ def test_silent_child_is_killed_and_reported_unavailable(tmp_path: Path,
 
     async def check(procs: ScriptedTargets) -> None:
         with pytest.raises(errors.UnavailableError, match=r"not ready within 0\.3 s"):
-            await procs.start("vol-a")
+            await procs.start("vol-a", LEASE)
         assert procs.spawned[0].returncode is not None, "the silent child was left running"
 
     _run(tmp_path, "import time; time.sleep(30)", check)
@@ -118,6 +121,14 @@ def test_child_exiting_without_a_word_reports_its_last_log_line(tmp_path: Path) 
             "first\nTraceback: something broke\n\n"
         )
         with pytest.raises(errors.UnavailableError, match="something broke"):
-            await procs.start("vol-a")
+            await procs.start("vol-a", LEASE)
 
     _run(tmp_path, "import sys; sys.exit(1)", check)
+
+
+def test_the_claim_lease_is_handed_to_the_target(tmp_path: Path) -> None:
+    """The node took the claim (epoch CAS + claim in one txn); the target keeps its lease."""
+    argv = targets.TargetProcesses(_config(tmp_path))._argv("vol-a", LEASE)
+    assert argv[argv.index("--owner-lease") + 1] == "0x1234"
+    assert argv[argv.index("--lease-ttl") + 1] == "2"
+    assert float(argv[argv.index("--lease-granted-at") + 1]) == 100.0
