@@ -14,7 +14,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import signal
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Coroutine
@@ -39,8 +41,7 @@ class TargetProcesses:
         any; the target then does its I/O on it directly (fenced through local_writers)."""
         self._config = config
         self._local_replica = local_replica
-        self._dir = config.state_dir / "targets"
-        self._dir.mkdir(parents=True, exist_ok=True)
+        self._dir = private_dir(config.state_dir / "targets")
         self._procs: dict[str, asyncio.subprocess.Process] = {}
         self._spare: asyncio.subprocess.Process | None = None
         self._preparing = False
@@ -57,8 +58,7 @@ class TargetProcesses:
             return path
         # A unix socket path must fit sun_path (108 bytes); deep state dirs (tests) do not.
         digest = hashlib.sha256(str(self._dir).encode()).hexdigest()[:12]
-        short = Path(tempfile.gettempdir()) / f"tandem-{digest}"
-        short.mkdir(mode=0o700, exist_ok=True)
+        short = private_dir(Path(tempfile.gettempdir()) / f"tandem-{digest}")
         return short / f"{volume_id}.sock"
 
     def running(self, volume_id: str) -> bool:
@@ -194,6 +194,23 @@ class TargetProcesses:
         spare, self._spare = self._spare, None
         if spare is not None:
             await self._kill(spare)
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a directory only we can enter (0700, owned by us, not a symlink), made
+    if absent. A socket in a directory someone else made (say a local user who pre-created
+    ``/tmp/tandem-<hash>``) could be replaced under us: refuse it (issue 11 #7)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise errors.FailedPreconditionError(
+            f"{path} is not a directory owned by uid {os.geteuid()}: refusing to put sockets "
+            "there")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)  # ours: tighten it (an older release made it 0755)
+    return path
 
 
 def lease_args(lease: OwnerLease) -> list[str]:

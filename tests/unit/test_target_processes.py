@@ -132,3 +132,26 @@ def test_the_claim_lease_is_handed_to_the_target(tmp_path: Path) -> None:
     assert argv[argv.index("--owner-lease") + 1] == "0x1234"
     assert argv[argv.index("--lease-ttl") + 1] == "2"
     assert float(argv[argv.index("--lease-granted-at") + 1]) == 100.0
+
+
+def test_sockets_only_in_a_private_directory(tmp_path: Path) -> None:
+    """Issue 11 #7: the short socket directory under /tmp was created with exist_ok and
+    never checked, so a local user could pre-create it and own the export sockets."""
+    import os
+
+    ours = tmp_path / "ours"
+    ours.mkdir(mode=0o755)
+    assert targets.private_dir(ours) == ours
+    assert (ours.stat().st_mode & 0o777) == 0o700  # tightened
+    made = targets.private_dir(tmp_path / "new")
+    assert (made.stat().st_mode & 0o777) == 0o700
+    foreign = tmp_path / "foreign"
+    foreign.mkdir(mode=0o777)
+    if os.geteuid() == 0:
+        os.chown(foreign, 65534, 65534)
+        with pytest.raises(errors.FailedPreconditionError, match="not a directory owned"):
+            targets.private_dir(foreign)
+    link = tmp_path / "link"
+    link.symlink_to(ours)
+    with pytest.raises(errors.FailedPreconditionError):
+        targets.private_dir(link)
