@@ -58,7 +58,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     async def CreateVolume(
         self, request: csi_pb2.CreateVolumeRequest, context: Ctx
     ) -> csi_pb2.CreateVolumeResponse:
-        validation.require(request.name, "name")
+        validation.check_volume_name(request.name)
         access_type, cap_fs_type = validation.check_capabilities(request.volume_capabilities)
         if request.HasField("volume_content_source"):
             raise InvalidArgumentError("volume content sources (clones, snapshots) are unsupported")
@@ -74,6 +74,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             size_bytes=size,
             limit_bytes=request.capacity_range.limit_bytes,
             replicas=params.replicas,
+            min_in_sync=params.min_in_sync,
             fs_type=fs_type,
             access_type=access_type,
             parameters=tuple(sorted(request.parameters.items())),
@@ -87,7 +88,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     async def DeleteVolume(
         self, request: csi_pb2.DeleteVolumeRequest, context: Ctx
     ) -> csi_pb2.DeleteVolumeResponse:
-        validation.require(request.volume_id, "volume_id")
+        validation.check_volume_id(request.volume_id)
         await self._volumes.delete(request.volume_id)
         return csi_pb2.DeleteVolumeResponse()
 
@@ -95,7 +96,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     async def ValidateVolumeCapabilities(
         self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: Ctx
     ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
-        validation.require(request.volume_id, "volume_id")
+        validation.check_volume_id(request.volume_id)
         validation.require(list(request.volume_capabilities), "volume_capabilities")
         record = await self._volumes.get(request.volume_id)
         for cap in request.volume_capabilities:
@@ -121,7 +122,8 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         if request.starting_token:
             match = _TOKEN_RE.match(request.starting_token)
             if not match:
-                raise InvalidTokenError(f"invalid starting_token {request.starting_token!r}")
+                raise InvalidTokenError(
+                    f"invalid starting_token {validation.shown(request.starting_token)}")
             start = match.group(1)
         # Tokens name the first id of the next page, so a page stays valid when volumes
         # before it are deleted meanwhile.
@@ -163,7 +165,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     async def ControllerExpandVolume(
         self, request: csi_pb2.ControllerExpandVolumeRequest, context: Ctx
     ) -> csi_pb2.ControllerExpandVolumeResponse:
-        validation.require(request.volume_id, "volume_id")
+        validation.check_volume_id(request.volume_id)
         validation.require(request.HasField("capacity_range"), "capacity_range")
         access_type = None
         if request.HasField("volume_capability"):
@@ -181,7 +183,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     async def ControllerGetVolume(
         self, request: csi_pb2.ControllerGetVolumeRequest, context: Ctx
     ) -> csi_pb2.ControllerGetVolumeResponse:
-        validation.require(request.volume_id, "volume_id")
+        validation.check_volume_id(request.volume_id)
         record = await self._volumes.get(request.volume_id)
         live = set(await self._volumes.live_nodes())
         return csi_pb2.ControllerGetVolumeResponse(

@@ -1,4 +1,8 @@
-"""CSI Node service: validate -> lock the volume -> delegate to ``StagingService``."""
+"""CSI Node service: validate -> lock the volume -> delegate to ``StagingService``.
+
+Every id and path is validated before the lock: a malformed one is INVALID_ARGUMENT with
+nothing touched, never a half-done call that fails in the kernel.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ AccessMode = csi_pb2.VolumeCapability.AccessMode
 
 
 def _mount_flags(cap: csi_pb2.VolumeCapability) -> list[str]:
-    return list(cap.mount.mount_flags) if cap.WhichOneof("access_type") == "mount" else []
+    flags = list(cap.mount.mount_flags) if cap.WhichOneof("access_type") == "mount" else []
+    validation.check_mount_flags(flags)
+    return flags
 
 
 @reject_unsupported(csi_pb2_grpc.NodeServicer)
@@ -31,17 +37,18 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self, request: csi_pb2.NodeStageVolumeRequest, context: Ctx
     ) -> csi_pb2.NodeStageVolumeResponse:
         validation.check_volume_id(request.volume_id)
-        validation.require(request.staging_target_path, "staging_target_path")
+        validation.check_path(request.staging_target_path, "staging_target_path")
         access_type = validation.check_single_capability(
             request.volume_capability, "volume_capability"
         )
+        flags = _mount_flags(request.volume_capability)
         with self._locks.hold(request.volume_id):
             await self._staging.stage(
                 request.volume_id,
                 request.staging_target_path,
                 access_type,
                 request.volume_capability.mount.fs_type if access_type == "mount" else "",
-                _mount_flags(request.volume_capability),
+                flags,
             )
         return csi_pb2.NodeStageVolumeResponse()
 
@@ -50,7 +57,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self, request: csi_pb2.NodeUnstageVolumeRequest, context: Ctx
     ) -> csi_pb2.NodeUnstageVolumeResponse:
         validation.check_volume_id(request.volume_id)
-        validation.require(request.staging_target_path, "staging_target_path")
+        validation.check_path(request.staging_target_path, "staging_target_path")
         with self._locks.hold(request.volume_id):
             await self._staging.unstage(request.volume_id, request.staging_target_path)
         return csi_pb2.NodeUnstageVolumeResponse()
@@ -60,13 +67,15 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self, request: csi_pb2.NodePublishVolumeRequest, context: Ctx
     ) -> csi_pb2.NodePublishVolumeResponse:
         validation.check_volume_id(request.volume_id)
-        validation.require(request.target_path, "target_path")
+        validation.check_path(request.target_path, "target_path")
         access_type = validation.check_single_capability(
             request.volume_capability, "volume_capability"
         )
         if not request.staging_target_path:
             # Spec: STAGE_UNSTAGE is advertised, so a missing staging path is a precondition.
             raise FailedPreconditionError("staging_target_path is required (STAGE_UNSTAGE)")
+        validation.check_path(request.staging_target_path, "staging_target_path")
+        flags = _mount_flags(request.volume_capability)
         readonly = request.readonly or (
             request.volume_capability.access_mode.mode == AccessMode.SINGLE_NODE_READER_ONLY
         )
@@ -77,7 +86,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 request.target_path,
                 access_type,
                 readonly,
-                _mount_flags(request.volume_capability),
+                flags,
                 single_writer=request.volume_capability.access_mode.mode
                 == AccessMode.SINGLE_NODE_SINGLE_WRITER,
             )
@@ -88,7 +97,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self, request: csi_pb2.NodeUnpublishVolumeRequest, context: Ctx
     ) -> csi_pb2.NodeUnpublishVolumeResponse:
         validation.check_volume_id(request.volume_id)
-        validation.require(request.target_path, "target_path")
+        validation.check_path(request.target_path, "target_path")
         with self._locks.hold(request.volume_id):
             await self._staging.unpublish(request.volume_id, request.target_path)
         return csi_pb2.NodeUnpublishVolumeResponse()
@@ -98,7 +107,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self, request: csi_pb2.NodeGetVolumeStatsRequest, context: Ctx
     ) -> csi_pb2.NodeGetVolumeStatsResponse:
         validation.check_volume_id(request.volume_id)
-        validation.require(request.volume_path, "volume_path")
+        validation.check_path(request.volume_path, "volume_path")
         stats = await self._staging.stats(request.volume_id, request.volume_path)
         Usage = csi_pb2.VolumeUsage
         usage = [Usage(unit=Usage.BYTES, total=stats.total_bytes)]
@@ -121,7 +130,9 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self, request: csi_pb2.NodeExpandVolumeRequest, context: Ctx
     ) -> csi_pb2.NodeExpandVolumeResponse:
         validation.check_volume_id(request.volume_id)
-        validation.require(request.volume_path, "volume_path")
+        validation.check_path(request.volume_path, "volume_path")
+        if request.staging_target_path:
+            validation.check_path(request.staging_target_path, "staging_target_path")
         if request.HasField("volume_capability"):
             validation.check_single_capability(request.volume_capability, "volume_capability")
         limit = request.capacity_range.limit_bytes

@@ -5,13 +5,15 @@ replicas, serves NBD) -> attach the export as a block device -> mkfs when blank 
 Any node can stage any volume: a node without a local replica reads remotely.
 
 What is staged on this node is persisted as one small JSON file per volume under the node's
-state directory, so unstage after a restart still knows the device. Every step checks "already
-done" first (the CO repeats calls), and a failed stage undoes what it did.
+state directory, so unstage after a restart still knows the device; what the node made on the
+host (mounts, files, directories) is recorded by ``node_paths``, and unpublish / unstage undo
+only that, never a path the CO handed over with someone else's file or filesystem in it.
+Every step checks "already done" first (the CO repeats calls), and a failed stage undoes what
+it did.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -22,6 +24,7 @@ from pathlib import Path
 from csi_driver import errors, mount
 from csi_driver.attach import Attachment, NbdAttacher
 from csi_driver.loop import LoopAttacher
+from csi_driver.node_paths import CreatedPaths, write_durably
 from csi_driver.ownership import Ownership
 from csi_driver.targets import TargetProcesses
 from replication.errors import ReplicationError
@@ -74,10 +77,7 @@ class StagedStates:
         return StagedVolume(**data)
 
     def save(self, staged: StagedVolume) -> None:
-        path = self._dir / f"{staged.volume_id}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(staged)))
-        os.replace(tmp, path)
+        write_durably(self._dir / f"{staged.volume_id}.json", json.dumps(asdict(staged)))
 
     def remove(self, volume_id: str) -> None:
         (self._dir / f"{volume_id}.json").unlink(missing_ok=True)
@@ -96,6 +96,7 @@ class StagingService:
         self._targets = targets
         self._attacher = attacher
         self._states = StagedStates(state_dir)
+        self._paths = CreatedPaths(state_dir, node_id)
         self._work_dir = state_dir / "attach"
         self._ro_loops = LoopAttacher()
 
@@ -124,6 +125,8 @@ class StagingService:
                 return existing
             # Left over from before a restart: its target is gone, so stage afresh.
             await self._teardown(existing)
+        if access_type == "mount":
+            await self._refuse_foreign_mount(volume_id, staging_path)
         record = await self._ownership.acquire(volume_id)
         try:
             if record.access_type != access_type:
@@ -154,9 +157,10 @@ class StagingService:
             raise
         try:
             if access_type == "mount":
-                await self._format_and_mount(attachment.device, staging_path, fs_type,
-                                             mount_flags)
+                await self._format_and_mount(volume_id, attachment.device, staging_path,
+                                             fs_type, mount_flags)
         except BaseException:
+            await self._paths.release(volume_id, staging_path)
             await self._attacher.detach(attachment)
             await self._targets.stop(volume_id)
             raise
@@ -170,9 +174,25 @@ class StagingService:
                  epoch, attachment.device)
         return staged
 
+    async def _refuse_foreign_mount(self, volume_id: str, staging_path: str) -> None:
+        """Staging onto another filesystem would hand the pod that filesystem, not the volume.
+        A mount the node recorded there for this volume without a staged state (a stage
+        killed half-way) is its own leftover: undone, not refused."""
+        if mount.mounts_at(staging_path) and self._paths.made_mount(volume_id, staging_path):
+            await self._paths.release(volume_id, staging_path)
+        present = mount.mounts_at(staging_path)
+        if present:
+            raise _foreign_mount(volume_id, staging_path, present[-1])
+
     async def _format_and_mount(
-        self, device: str, staging_path: str, fs_type: str, mount_flags: list[str]
+        self, volume_id: str, device: str, staging_path: str, fs_type: str,
+        mount_flags: list[str],
     ) -> None:
+        present = mount.mounts_at(staging_path)
+        if present:  # checked before mkfs too: something may have been mounted meanwhile
+            if self._is_device(present[-1], device, staging_path):
+                return
+            raise _foreign_mount(volume_id, staging_path, present[-1])
         found = await mount.filesystem_type(device)
         if found is None:
             await mount.make_filesystem(device, fs_type)
@@ -180,25 +200,26 @@ class StagingService:
             raise errors.FailedPreconditionError(
                 f"the volume holds a {found} filesystem, not {fs_type}"
             )
-        Path(staging_path).mkdir(parents=True, exist_ok=True)
-        if not mount.mounts_at(staging_path):
-            await mount.mount(device, staging_path, fs_type, mount_flags)
+        self._paths.make_dir(volume_id, staging_path)
+        self._paths.will_mount(volume_id, staging_path)
+        await mount.mount(device, staging_path, fs_type, mount_flags)
 
     async def unstage(self, volume_id: str, staging_path: str) -> None:
         staged = self._states.load(volume_id)
         if staged is not None:
             await self._teardown(staged)
-        await mount.unmount(staging_path)
+        await self._paths.release(volume_id, staging_path)
         await self._ownership.release(volume_id)
         log.info("volume=%s node=%s unstaged", volume_id, self._node_id)
 
     async def _teardown(self, staged: StagedVolume) -> None:
         """Unmount, detach (flushes), stop the target (flushes replicas), forget."""
         for target in staged.published:
-            await mount.unmount(target)
+            await self._paths.release(staged.volume_id, target, mounted=True)
         for device in staged.read_only_devices.values():
             await self._ro_loops.detach_device(device)
-        await mount.unmount(staged.staging_path)
+        await self._paths.release(staged.volume_id, staged.staging_path,
+                                  mounted=staged.access_type == "mount")
         if staged.attachment:
             attachment = attachment_from_dict(staged.attachment)
             try:
@@ -252,23 +273,23 @@ class StagingService:
             raise errors.AlreadyExistsError(
                 f"{target_path} is already mounted from another source or with other flags"
             )
-        target = Path(target_path)
         if access_type == "mount":
-            target.mkdir(parents=True, exist_ok=True)
+            self._paths.make_dir(volume_id, target_path)
         else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.touch(exist_ok=True)
+            self._paths.make_file(volume_id, target_path)
         ro_devices = dict(staged.read_only_devices)
-        if access_type == "block" and readonly:
-            source = ro_devices[target_path] = await self._ro_loops.attach_read_only(source)
         try:
+            if access_type == "block" and readonly:
+                source = ro_devices[target_path] = await self._ro_loops.attach_read_only(source)
+            self._paths.will_mount(volume_id, target_path)
             await mount.bind_mount(source, target_path, readonly, mount_flags)
         except BaseException:
+            await self._paths.release(volume_id, target_path)
             if target_path in ro_devices:
                 await self._ro_loops.detach_device(ro_devices[target_path])
             raise
-        self._states.save(replace(staged, published=(*staged.published, target_path),
-                                  read_only_devices=ro_devices))
+        published = (*(p for p in staged.published if p != target_path), target_path)
+        self._states.save(replace(staged, published=published, read_only_devices=ro_devices))
 
     @staticmethod
     def _is_device(entry: mount.MountEntry, device: str, target_path: str) -> bool:
@@ -283,15 +304,10 @@ class StagingService:
             return False
 
     async def unpublish(self, volume_id: str, target_path: str) -> None:
-        await mount.unmount(target_path)
-        target = Path(target_path)
-        if target.is_dir():
-            with contextlib.suppress(OSError):
-                target.rmdir()
-        elif target.exists():
-            target.unlink()
         staged = self._states.load(volume_id)
-        if staged is not None and target_path in staged.published:
+        ours = staged is not None and target_path in staged.published
+        await self._paths.release(volume_id, target_path, mounted=ours)
+        if staged is not None and ours:
             ro_devices = dict(staged.read_only_devices)
             if target_path in ro_devices:
                 await self._ro_loops.detach_device(ro_devices.pop(target_path))
@@ -338,6 +354,15 @@ class StagingService:
         if staged.access_type == "mount":
             await mount.grow_filesystem(staged.device, staged.staging_path, staged.fs_type)
         return await mount.block_size_bytes(staged.device)
+
+
+def _foreign_mount(
+    volume_id: str, staging_path: str, entry: mount.MountEntry
+) -> errors.FailedPreconditionError:
+    return errors.FailedPreconditionError(
+        f"{staging_path} already holds a {entry.fs_type} filesystem from {entry.source} that "
+        f"is not volume {volume_id}'s: refusing to stage over it"
+    )
 
 
 def attachment_to_dict(attachment: Attachment) -> dict[str, object]:

@@ -49,6 +49,7 @@ class CreateSpec:
     fs_type: str
     access_type: str
     parameters: tuple[tuple[str, str], ...]
+    min_in_sync: int = 1
     requisite: tuple[Mapping[str, str], ...] = ()
     preferred: tuple[Mapping[str, str], ...] = ()
 
@@ -157,6 +158,11 @@ class VolumeService:
             raise errors.ResourceExhaustedError("no live tandem nodes are registered")
         volumes = [v.value for v in await self._store.list_volumes()]
         count = min(spec.replicas, len(nodes))
+        if count < spec.min_in_sync:
+            # Placed short, such a volume could never acknowledge a write: refuse it now.
+            raise errors.ResourceExhaustedError(
+                f"minInSync {spec.min_in_sync} needs {spec.min_in_sync} replica nodes; only "
+                f"{len(nodes)} live tandem nodes are registered")
         try:
             chosen = place(
                 candidates(list(nodes.values()), volumes),
