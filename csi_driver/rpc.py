@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 
 from csi_driver import errors
+from csi_driver.validation import shown
 from csi_driver.state import errors as store_errors
 from replication import errors as data_errors
 
@@ -65,6 +66,8 @@ Handler = Callable[[Any, Any, Ctx], Awaitable[R]]
 def _context_of(request: Any) -> str:
     """key=value context for the log line: the volume id when the request names one."""
     volume_id = getattr(request, "volume_id", "") or getattr(request, "name", "")
+    if len(volume_id) > 128 or not volume_id.isprintable():
+        volume_id = shown(volume_id)  # a hostile 2 MiB name must not become a 2 MiB log line
     return f" volume={volume_id}" if volume_id else ""
 
 
