@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 
 from csi_driver import errors
-from csi_driver.validation import shown
 from csi_driver.state import errors as store_errors
+from csi_driver.validation import shown
 from replication import errors as data_errors
 
 log = logging.getLogger(__name__)
