@@ -49,6 +49,11 @@ U64_MAX = (1 << 64) - 1
 MAX_VOLUME_ID = 128
 MAX_NODE_ID = 253  # a Kubernetes node name is a DNS subdomain: at most 253 characters
 MAX_TOKEN = 4096
+# Before the handshake completes a peer is a stranger: its frames may carry this much at
+# most (a HELLO with the longest node id and token fits), so a header announcing 32 MiB
+# costs nothing but a closed connection.
+HANDSHAKE_MAX_PAYLOAD = 4 + MAX_NODE_ID + 256
+AUTH_PROOF_SIZE = 32
 MAX_ERROR_MESSAGE = 1024
 DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
 DEFAULT_MAX_IN_FLIGHT = 4096
@@ -86,6 +91,7 @@ class Op(IntEnum):
     CHECKSUM = 9
     SETTLE = 10
     WRITE_BATCH = 11  # many writes in one frame: the owner's per-tick batch
+    AUTH = 12  # the client's proof, after the HELLO exchange (replication.peer_auth)
 
 
 class Flag(IntFlag):
@@ -388,7 +394,7 @@ def block_digests(data: Buffer, block_size: int, algo: ChecksumAlgo) -> bytes:
 
 
 # Request shapes: which of offset/length/payload an op uses (the rest must be zero).
-_HELLO_K, _NONE_K, _SEQ_K, _WRITE_K, _RANGE_K, _READ_K, _CHECKSUM_K, _BATCH_K = range(8)
+_HELLO_K, _NONE_K, _SEQ_K, _WRITE_K, _RANGE_K, _READ_K, _CHECKSUM_K, _BATCH_K, _AUTH_K = range(9)
 _FUA = int(Flag.FUA)
 _REQUEST_RULES: dict[int, tuple[Op, int, int]] = {  # flags as ints: IntFlag ops are slow
     Op.HELLO: (Op.HELLO, 0, _HELLO_K),
@@ -402,6 +408,7 @@ _REQUEST_RULES: dict[int, tuple[Op, int, int]] = {  # flags as ints: IntFlag ops
     Op.CHECKSUM: (Op.CHECKSUM, 0, _CHECKSUM_K),
     Op.SETTLE: (Op.SETTLE, 0, _SEQ_K),
     Op.WRITE_BATCH: (Op.WRITE_BATCH, _FUA, _BATCH_K),
+    Op.AUTH: (Op.AUTH, 0, _AUTH_K),
 }
 
 
@@ -429,6 +436,10 @@ def check_request(
             raise ValueError("HELLO carries no volume id, epoch, offset or length")
         Hello.decode(payload)
         return member, -1
+    if kind == _AUTH_K:
+        if vid or epoch or offset or length or len(payload) != AUTH_PROOF_SIZE:
+            raise ValueError(f"AUTH carries exactly a {AUTH_PROOF_SIZE}-byte proof")
+        return member, 0
     if not vid:
         raise ValueError(f"{member.name} needs a volume id")
     plen, expected = len(payload), 0

@@ -25,9 +25,13 @@ Frame (big-endian, 50-byte fixed header, ``messages.HEADER``)::
     50+n p     payload
 
 Which fields each op uses is tabled in ``replication.messages``. Before HELLO only HELLO
-is allowed; the client sends nothing else until the HELLO reply says OK. Any violation by
-the peer yields one ``ProtocolErrorEvent`` and closes the connection; misuse by our caller
-raises ``LocalProtocolError``.
+is allowed; the client sends nothing else until the HELLO reply says OK. With a ``PeerAuth``
+(``replication.peer_auth``) the handshake is mutual challenge-response: HELLO carries the
+nonces and the server's proof, then the client's AUTH carries its proof, and only the AUTH
+reply makes both sides READY. Until then a frame's payload is bounded by
+``HANDSHAKE_MAX_PAYLOAD`` and the receive buffer stays a few KiB: a stranger costs nothing
+but a closed connection. Any violation by the peer yields one ``ProtocolErrorEvent`` and
+closes the connection; misuse by our caller raises ``LocalProtocolError``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from typing import Any
 from replication import messages as m
 from replication.checksum import crc32
 from replication.messages import HEADER_SIZE, MAGIC, Buffer, Event, Op, Request, Response, Status
+from replication.peer_auth import MAC_SIZE, NONCE_SIZE, PeerAuth
 
 __all__ = ["Connection", "State"]
 
@@ -60,20 +65,24 @@ _CRC_FROM = m.HEADER_CRC_START
 _VERSION = m.PROTOCOL_VERSION
 _Remote = m.RemoteProtocolError
 _Local = m.LocalProtocolError
+_HANDSHAKE_MAX = m.HANDSHAKE_MAX_PAYLOAD
 
 
 _RBUF_MIN = 256 << 10  # the receive buffer's smallest size, and the most a read may ask for
+_RBUF_HANDSHAKE = 4 << 10  # the same before the peer is authenticated
 _RBUF_KEEP = 4 << 20  # kept between frames; a bigger one is for one big frame only
 
 
 class State(Enum):
     AWAIT_HELLO = "await_hello"  # nothing exchanged yet
     HELLO_PENDING = "hello_pending"  # HELLO sent (client) or received (server), no reply yet
+    AUTHENTICATING = "authenticating"  # HELLOs exchanged; the client's AUTH not yet answered
     READY = "ready"
     CLOSED = "closed"
 
 
-_AWAIT, _PENDING, _READY, _CLOSED = State
+_AWAIT, _PENDING, _AUTHING, _READY, _CLOSED = State
+_STATE_FOR_OP = {Op.HELLO: _AWAIT, Op.AUTH: _AUTHING}  # every other op needs READY
 
 
 class Connection:
@@ -91,6 +100,7 @@ class Connection:
         max_in_flight: int = m.DEFAULT_MAX_IN_FLIGHT,
         payload_checksums: bool = True,
         authenticate: Callable[[bytes], bool] | None = None,
+        auth: PeerAuth | None = None,
     ) -> None:
         if not 0 < max_payload <= 0xFFFFFFFF or max_in_flight < 1:
             raise ValueError("max_payload must fit u32 and max_in_flight be >= 1")
@@ -103,6 +113,9 @@ class Connection:
         self.payload_checksums = payload_checksums
         self.peer_hello: m.Hello | None = None
         self._authenticate = authenticate
+        self.auth = auth
+        self._nonces: tuple[bytes, bytes] = (b"", b"")  # (client's, server's) of the handshake
+        self._hello_node = ""  # the node id our own HELLO named
         self._state = _AWAIT
         self._buf = bytearray()  # only ever the one frame split across receive_data calls
         self._need = HEADER_SIZE  # bytes of the pending frame needed before parsing again
@@ -112,7 +125,10 @@ class Connection:
         # request id -> (op, OK reply payload length or -1): checks replies, catches ids
         # that are unsolicited or reused while in flight, bounds the pipeline.
         self._in_flight: dict[int, tuple[Op, int]] = {}
-        self._on_frame = self._on_request if role is m.Role.SERVER else self._on_response
+        # A plain function, not a bound method: a bound method stored on self is a
+        # reference cycle, and a closed connection's buffers then wait for the cyclic GC.
+        server = role is m.Role.SERVER
+        self._on_frame = Connection._on_request if server else Connection._on_response
 
     @property
     def state(self) -> State:
@@ -122,10 +138,18 @@ class Connection:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
+    @property
+    def peer_node(self) -> str | None:
+        """The peer's node id once the handshake is done (authenticated when ``auth``)."""
+        hello = self.peer_hello
+        return hello.node_id if hello is not None and self._state is _READY else None
+
     def close(self) -> None:
         """Stop: later receive_data returns [] and sends raise LocalProtocolError."""
         self._state = _CLOSED
-        self._buf = bytearray()  # a fresh one: a traceback may still pin the old one's views
+        # Fresh ones: a traceback may still pin the old ones' views; the memory goes now.
+        self._buf = bytearray()
+        self._rbuf = bytearray(0)
         self._rpos = self._rend = 0
         self._in_flight.clear()
 
@@ -164,7 +188,8 @@ class Connection:
         pending = self._rend - self._rpos
         # The whole pending frame must fit behind its start: move it to the front, or
         # grow into a new buffer (never resize in place: old views may still be exported).
-        need = max(self._need, _RBUF_MIN)  # > pending: there is always room to receive
+        # > pending: there is always room to receive; a stranger gets a few KiB at most.
+        need = max(self._need, _RBUF_MIN if self._state is _READY else _RBUF_HANDSHAKE)
         if self._rpos and (not pending or len(buf) - self._rpos < need):
             buf[:pending] = buf[self._rpos : self._rend]
             self._rpos, self._rend = 0, pending
@@ -232,6 +257,8 @@ class Connection:
                 raise _Remote(f"unsupported protocol version {ver}")
             if plen > self.max_payload:
                 raise _Remote(f"payload of {plen} bytes exceeds the maximum")
+            if plen > _HANDSHAKE_MAX and self._state is not _READY:
+                raise _Remote(f"payload of {plen} bytes before the handshake completed")
             fend = hend + plen
             if fend > end:
                 self._need = fend - pos
@@ -246,7 +273,7 @@ class Connection:
             if pcrc and (not plen or flags & _NO_CRC):
                 raise _Remote("payload checksum set without a checked payload")
             vid = mv[pos + HEADER_SIZE : hend].tobytes() if vlen else b""
-            events.append(on_frame(header, vid, payload))
+            events.append(on_frame(self, header, vid, payload))
             pos = fend
         return pos
 
@@ -257,7 +284,7 @@ class Connection:
             raise _Remote("response frame sent to a server")
         if status:
             raise _Remote("status set on a request")
-        if self._state is not (_AWAIT if op == Op.HELLO else _READY):
+        if self._state is not _STATE_FOR_OP.get(op, _READY):
             raise _Remote(f"op {op} not allowed in state {self._state.value}")
         vid = m.decode_volume_id(vid_raw) if vid_raw else ""
         if vid is None:
@@ -274,6 +301,8 @@ class Connection:
             raise _Remote("too many requests in flight")
         if member is Op.HELLO:
             self._accept_hello(rid, payload)
+        elif member is Op.AUTH:
+            self._accept_auth(rid, payload)
         in_flight[rid] = (member, expected)
         fl = _FLAG_VALUES[flags & _EVENT_FLAGS]
         return _new_request(member, rid, vid, epoch, offset, length, fl, payload)
@@ -299,24 +328,50 @@ class Connection:
             raise _Remote(str(exc)) from None
         if member is Op.HELLO:
             self._finish_hello(st, payload)
+        elif member is Op.AUTH:
+            self._state = _READY if st is Status.OK else _CLOSED
         return _new_response(member, rid, st, epoch, payload)
+
+    def _reject(self, op: Op, rid: int, reason: str) -> None:
+        reply = self._frame(op, _REPLY, rid, 0, 0, 0, Status.AUTH_FAILED, b"", reason.encode(),
+                            None)
+        raise _Remote(reason, b"".join(reply))
 
     def _accept_hello(self, rid: int, payload: Buffer) -> None:
         hello = m.Hello.decode(payload)  # already validated by check_request
-        reason = self._auth_failure(hello.token)
-        if reason:
-            reply = self._frame(
-                Op.HELLO, _REPLY, rid, 0, 0, 0, Status.AUTH_FAILED, b"", reason.encode(), None
-            )
-            raise _Remote(reason, b"".join(reply))
+        if self.auth is not None:
+            if len(hello.token) != NONCE_SIZE:
+                self._reject(Op.HELLO, rid, "authentication required")
+            self._nonces = (hello.token, self.auth.nonce())
+        else:
+            reason = self._auth_failure(hello.token)
+            if reason:
+                self._reject(Op.HELLO, rid, reason)
         self.peer_hello = hello
         self._state = _PENDING
+
+    def _accept_auth(self, rid: int, payload: Buffer) -> None:
+        assert self.auth is not None and self.peer_hello is not None  # _STATE_FOR_OP
+        nonce_c, nonce_s = self._nonces
+        if not self.auth.verify(bytes(payload), "client", self.peer_hello.node_id,
+                                self.auth.node_id, nonce_c, nonce_s):
+            self._reject(Op.AUTH, rid, "authentication failed")
 
     def _finish_hello(self, status: Status, payload: Buffer) -> None:
         if status is not Status.OK:
             self._state = _CLOSED  # the Response still reaches the caller, saying why
             return
         hello = m.Hello.decode(payload)
+        if self.auth is not None:
+            token, nonce_c = hello.token, self._nonces[0]
+            nonce_s, proof = token[:NONCE_SIZE], token[NONCE_SIZE:]
+            if len(token) != NONCE_SIZE + MAC_SIZE or not self.auth.verify(
+                    proof, "server", self._hello_node, hello.node_id, nonce_c, nonce_s):
+                raise _Remote(f"replica server {hello.node_id!r} failed to authenticate")
+            self._nonces = (nonce_c, nonce_s)
+            self.peer_hello = hello
+            self._state = _AUTHING  # the caller sends encode_auth() next
+            return
         reason = self._auth_failure(hello.token)
         if reason:
             raise _Remote(reason)
@@ -367,8 +422,13 @@ class Connection:
         """
         if self.role is not m.Role.CLIENT:
             raise _Local("only a client sends requests")
-        if self._state is not (_AWAIT if op == Op.HELLO else _READY):
+        if self._state is not _STATE_FOR_OP.get(op, _READY):
             raise _Local(f"cannot send {op!r} in state {self._state.value}")
+        if op == Op.HELLO and self.auth is not None:
+            # Our HELLO is ours to make: the nonce must be fresh and the node id ours.
+            nonce = self.auth.nonce()
+            payload = m.Hello(self.auth.node_id, nonce).encode()
+            self._nonces, self._hello_node = (nonce, b""), self.auth.node_id
         vid = m.encode_volume_id(volume_id) if volume_id else b""
         flags = int(flags)  # Flag arithmetic runs in Python; plain ints in C
         lim = self.max_payload
@@ -405,6 +465,12 @@ class Connection:
         st = _STATUSES.get(status)
         if st is None:
             raise _Local(f"unknown status {status}")
+        if entry[0] is Op.HELLO and st is Status.OK and self.auth is not None:
+            nonce_c, nonce_s = self._nonces
+            assert self.peer_hello is not None
+            proof = self.auth.mac("server", self.peer_hello.node_id, self.auth.node_id,
+                                  nonce_c, nonce_s)
+            payload = m.Hello(self.auth.node_id, nonce_s + proof).encode()
         try:
             m.check_response(entry[0], st, payload, entry[1])
         except ValueError as exc:
@@ -412,8 +478,20 @@ class Connection:
         parts = self._frame(entry[0], _REPLY, request_id, epoch, 0, 0, st, b"", payload, None)
         del self._in_flight[request_id]
         if entry[0] is Op.HELLO:
+            ok_state = _AUTHING if self.auth is not None else _READY
+            self._state = ok_state if st is Status.OK else _CLOSED
+        elif entry[0] is Op.AUTH:
             self._state = _READY if st is Status.OK else _CLOSED
         return parts
+
+    def encode_auth(self, request_id: int) -> list[Buffer]:
+        """The client's AUTH request, once the server's HELLO reply proved the server."""
+        if self.auth is None or self._state is not _AUTHING or self.peer_hello is None:
+            raise _Local(f"no AUTH to send in state {self._state.value}")
+        nonce_c, nonce_s = self._nonces
+        proof = self.auth.mac("client", self.auth.node_id, self.peer_hello.node_id,
+                              nonce_c, nonce_s)
+        return self.encode_request(Op.AUTH, request_id, payload=proof)
 
     def encode_write_batch(
         self, request_id: int, volume_id: str, epoch: int, batch: m.WriteBatch,
