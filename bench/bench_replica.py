@@ -24,6 +24,7 @@ from pathlib import Path
 
 import uvloop
 
+from replication.peer_auth import PeerAuth
 from replication.pool.file import FilePool
 from replication.replica_client import ReplicaClient, expect_ok
 
@@ -31,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 VOLUME = "bench-vol"
 SIZE = 1 << 30
 BLOCK = 4096
+SECRET = os.urandom(32).hex().encode()  # this run's cluster secret
 
 
 def start_server(base: Path) -> tuple[subprocess.Popen[bytes], int]:
@@ -38,6 +40,10 @@ def start_server(base: Path) -> tuple[subprocess.Popen[bytes], int]:
     argv = [sys.executable, "-m", "replication.replica_server", "--pool-dir", str(base / "pool")]
     argv += ["--pool-size", str(SIZE), "--meta-dir", str(base / "meta"), "--node-id", "bench"]
     argv += ["--listen", "127.0.0.1:0", "--log-level", "WARNING"]
+    secret = base / "secret"
+    secret.write_bytes(SECRET)
+    secret.chmod(0o600)
+    argv += ["--secret-file", str(secret)]
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()
@@ -49,7 +55,7 @@ def start_server(base: Path) -> tuple[subprocess.Popen[bytes], int]:
 
 async def bench(port: int, qd: int, seconds: float) -> tuple[int, float, list[float]]:
     """Writes done, seconds taken and each write's latency (connect and FENCE excluded)."""
-    client = await ReplicaClient.connect("127.0.0.1", port, "bench-owner")
+    client = await ReplicaClient.connect("127.0.0.1", port, PeerAuth(SECRET, "bench-owner"))
     expect_ok(await client.fence(VOLUME, 1))
     payload = os.urandom(BLOCK)
     rng = random.Random(0)

@@ -13,10 +13,14 @@ import logging
 from collections.abc import Callable
 
 import grpc
+from google.protobuf.message import Message
 
 from csi_driver import errors
 from csi_driver._gen import agent_pb2, agent_pb2_grpc
+from csi_driver.agent_auth import METADATA_KEY, AgentSigner
+from csi_driver.replica_decisions import may_delete
 from csi_driver.rpc import Ctx, rpc_method
+from csi_driver.state.store import Store
 from replication.pool.base import Pool, ReplicaInfo
 
 log = logging.getLogger(__name__)
@@ -36,8 +40,10 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
 
     def __init__(
         self, node_id: str, pool: Pool, on_change: Callable[[], None],
-        before_delete: Callable[[str], None],
+        before_delete: Callable[[str], None], store: Store | None = None,
     ) -> None:
+        """``store``: where DeleteReplica checks that the record no longer needs it."""
+        self._store = store
         self._node_id = node_id
         self._pool = pool
         self._on_change = on_change  # republish capacity in etcd
@@ -55,10 +61,24 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
     async def DeleteReplica(
         self, request: agent_pb2.DeleteReplicaRequest, context: Ctx
     ) -> agent_pb2.DeleteReplicaResponse:
+        await self._check_deletable(request.volume_id)
         self._before_delete(request.volume_id)
         await asyncio.to_thread(self._pool.delete, request.volume_id)
         self._on_change()
         return agent_pb2.DeleteReplicaResponse()
+
+    async def _check_deletable(self, volume_id: str) -> None:
+        """Refuse to delete a replica the volume record still needs (I1b): only a volume
+        being deleted, or one that no longer names this node while another in-sync replica
+        is alive, may lose it here."""
+        if self._store is None:
+            return
+        found = await self._store.get_volume(volume_id)
+        live = {v.value.node_id for v in await self._store.list_nodes()}
+        if not may_delete(found.value if found else None, self._node_id, live):
+            raise errors.FailedPreconditionError(
+                f"replica of {volume_id} on {self._node_id} is still needed by its volume "
+                "record (delete the volume instead)")
 
     @rpc_method
     async def ResizeReplica(
@@ -116,8 +136,9 @@ _CODE_TO_ERROR: dict[grpc.StatusCode, type[errors.TandemError]] = {
 class AgentClients:
     """The controller's connections to node agents, one channel per address."""
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, signer: AgentSigner) -> None:
         self._timeout_s = timeout_s
+        self._signer = signer  # every call carries a token only the controller can make
         self._stubs: dict[str, agent_pb2_grpc.AgentStub] = {}
         self._channels: list[grpc.aio.Channel] = []
 
@@ -129,11 +150,13 @@ class AgentClients:
             stub = self._stubs[address] = agent_pb2_grpc.AgentStub(channel)
         return stub
 
-    async def _call(self, address: str, method: str, request: object) -> object:
+    async def _call(self, address: str, method: str, request: Message) -> object:
         rpc = getattr(self._stub(address), method)
         for attempt in range(2):
             try:
-                return await rpc(request, timeout=self._timeout_s)
+                token = self._signer.token(method, address, request)  # fresh per attempt
+                return await rpc(request, timeout=self._timeout_s,
+                                 metadata=((METADATA_KEY, token),))
             except grpc.aio.AioRpcError as exc:
                 # Every agent call is idempotent: one retry covers a connection that died
                 # with its node (link down) and is only noticed on first use after a revive.

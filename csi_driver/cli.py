@@ -22,6 +22,8 @@ from replication.hold import DEFAULT_HOLD_S
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from csi_driver import config as cfg
+from csi_driver.agent_auth import KeyFileError, load_public_keys, load_signer
+from replication.peer_auth import SecretError, load_secret
 
 
 def _setup_logging(level: str) -> None:
@@ -54,6 +56,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
     config = cfg.ControllerConfig(
         csi_socket=cfg.parse_unix_endpoint(args.csi_endpoint, "--csi-endpoint"),
         etcd=_etcd(args),
+        agent_key_file=Path(args.agent_key_file),
         default_replicas=args.default_replicas,
         replace_after_s=args.replace_dead_after,
         node_down_mode=args.node_down_responder,
@@ -61,6 +64,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
         node_down_max_fraction=args.node_down_max_fraction,
         kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
     )
+    load_signer(config.agent_key_file)  # bad credentials: exit 2 now
     _run(run_controller(config))
     return 0
 
@@ -81,10 +85,15 @@ def cmd_node(args: argparse.Namespace) -> int:
         lvm_vg=args.lvm_vg,
         lvm_thin_pool=args.lvm_thin_pool,
         state_dir=Path(args.state_dir),
+        cluster_secret_file=Path(args.cluster_secret_file),
+        agent_public_key_file=Path(args.agent_public_key_file),
         lease_ttl_s=args.lease_ttl,
         max_volumes=args.max_volumes,
         hold_io_s=args.hold_io_timeout,
     )
+    # Bad credentials: exit 2 now with one line, not a traceback from the daemon.
+    load_secret(config.cluster_secret_file)
+    load_public_keys(config.agent_public_key_file)
     keep_large_buffers_on_heap()  # the node process hosts the replica server
     _run(run_node(config))
     return 0
@@ -103,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ctl = sub.add_parser("controller", help="run the CSI controller plugin")
     _add_daemon_flags(ctl)
+    ctl.add_argument("--agent-key-file", required=True,
+                     help="the private key that signs every node-agent call, mode 0600 "
+                     "(docs/security.md; tandem credentials generate)")
     ctl.add_argument("--default-replicas", type=int, default=3)
     ctl.add_argument("--replace-dead-after", type=float, default=300.0,
                      help="seconds a replica node must stay dead before it is replaced")
@@ -132,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--lvm-vg")
     node.add_argument("--lvm-thin-pool")
     node.add_argument("--state-dir", required=True)
+    node.add_argument("--cluster-secret-file", required=True,
+                      help="the replication secret every node holds, mode 0600, one per line "
+                      "while rotating (docs/security.md; tandem credentials generate)")
+    node.add_argument("--agent-public-key-file", required=True,
+                      help="the controller's public key(s): only calls it signed reach the "
+                      "agent API (docs/security.md)")
     node.add_argument("--lease-ttl", type=cfg.lease_ttl_arg, default=DEFAULT_LEASE_TTL_S,
                       help="ownership and node lease TTL, whole seconds (takeover waits this "
                       "long)")
@@ -153,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(getattr(args, "log_level", "warning"))
     try:
         return int(args.func(args))
-    except cfg.ConfigError as exc:
+    except (cfg.ConfigError, SecretError, KeyFileError) as exc:
         print(f"tandem: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

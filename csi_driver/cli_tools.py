@@ -136,14 +136,18 @@ def progress_bar(p: dict[str, Any], width: int = 30) -> str:
 
 
 async def _verify(cluster_dir: Path, volume: str) -> int:
+    from csi_driver.devcluster import cluster_secret_path
     from csi_driver.state.etcd import EtcdStore
     from csi_driver.verify import verify_volume
+    from replication.peer_auth import PeerAuth, load_secret
 
     spec = json.loads((cluster_dir / "cluster.json").read_text())
+    # Reads at epoch 0 change nothing: any holder of the cluster secret may observe.
+    auth = PeerAuth(load_secret(cluster_secret_path(cluster_dir)), "tandem-verify")
     store = EtcdStore([spec["etcd_host_endpoint"]], prefix=spec.get("etcd_prefix", "/tandem/"))
     try:
         volume_id = await store.volume_id_for_name(volume) or volume
-        report = await verify_volume(store, volume_id)
+        report = await verify_volume(store, volume_id, auth)
     except LookupError as exc:
         print(f"tandem: {exc}", file=sys.stderr)
         return 1
@@ -176,6 +180,28 @@ def _volume_export(args: argparse.Namespace) -> int:
     except (ExportError, ClusterError, TandemError) as exc:
         print(f"tandem: {exc}", file=sys.stderr)
         return 1
+
+
+def _credentials_generate(args: argparse.Namespace) -> int:
+    """New credentials into --dir, or as Kubernetes Secret manifests on stdout."""
+    from csi_driver.credentials import kubernetes_secrets, write_credentials
+
+    if args.kubernetes:
+        print(kubernetes_secrets(args.namespace), end="")
+        return 0
+    if args.dir is None:
+        print("tandem: error: give --dir DIR or --kubernetes", file=sys.stderr)
+        return 2
+    try:
+        write_credentials(Path(args.dir))
+    except FileExistsError as exc:
+        print(f"tandem: error: {exc}; rotate by adding lines (docs/security.md)",
+              file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"tandem: error: cannot write {args.dir}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _bench_failover(args: argparse.Namespace) -> int:
@@ -213,6 +239,15 @@ def add_commands(sub: Any) -> None:
     revive.add_argument("node_id")
     revive.add_argument("--dir", required=True)
     revive.set_defaults(func=_revive_node)
+
+    creds = sub.add_parser("credentials", help="the cluster's replication secret")
+    crsub = creds.add_subparsers(dest="credentials_command", required=True)
+    gen = crsub.add_parser("generate", help="make new cluster credentials (docs/security.md)")
+    gen.add_argument("--dir", help="write cluster-secret, agent.key, agent.pub here")
+    gen.add_argument("--kubernetes", action="store_true",
+                     help="print the two Secret manifests the deployment mounts instead")
+    gen.add_argument("--namespace", default="tandem-system")
+    gen.set_defaults(func=_credentials_generate)
 
     volume = sub.add_parser("volume", help="inspect volumes of a cluster")
     vsub = volume.add_subparsers(dest="volume_command", required=True)

@@ -106,6 +106,7 @@ class EtcdConfig:
 class ControllerConfig:
     csi_socket: Path
     etcd: EtcdConfig
+    agent_key_file: Path
     default_replicas: int = 3
     agent_timeout_s: float = 10.0
     creating_grace_s: float = 60.0
@@ -144,6 +145,8 @@ class NodeConfig:
     lvm_vg: str | None
     lvm_thin_pool: str | None
     state_dir: Path
+    cluster_secret_file: Path
+    agent_public_key_file: Path
     lease_ttl_s: int = DEFAULT_LEASE_TTL_S
     max_volumes: int = 0
     hold_io_s: float = DEFAULT_HOLD_S

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from csi_driver.devcluster import ClusterSpec, load_spec
+from csi_driver.devcluster import ClusterSpec, cluster_secret_path, load_spec
 from csi_driver.ownership import OwnerLease, Ownership
 from csi_driver.state.etcd import EtcdStore
 from csi_driver.targets import lease_args
@@ -124,6 +124,7 @@ def _argv(spec: ClusterSpec, volume_id: str, node_id: str, socket_path: Path,
         "--volume-id", volume_id, "--node-id", node_id, "--socket", str(socket_path),
         "--etcd-endpoints", spec.etcd_host_endpoint, "--etcd-prefix", spec.etcd_prefix,
         "--state-dir", str(state_dir), *lease_args(lease),
+        "--cluster-secret-file", str(cluster_secret_path(Path(spec.dir))),
     ]
 
 

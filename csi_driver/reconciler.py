@@ -7,7 +7,9 @@
   new node's orphan sweep never deletes it), then created through the node's agent. The
   owner's target rebuilds it (full copy of the regions holding data) and adds it to the ISR;
   an unowned volume's new replica is rebuilt when the volume is next staged.
-The dead node's replica is left for that node's orphan sweep when it returns.
+The dead node's replica is left for that node's orphan sweep when it returns. Nothing is
+replaced while no in-sync member is alive (``replica_decisions``): a dead node may then hold
+the last good copy, and stays in the record until it returns.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from csi_driver import errors
 from csi_driver.agent import AgentClients
 from csi_driver.locks import VolumeLocks
 from csi_driver.placement import PlacementError, place
+from csi_driver.replica_decisions import replaceable
 from csi_driver.state import errors as store_errors
 from csi_driver.state.model import (
     NodeRecord,
@@ -94,10 +97,12 @@ class Reconciler:
         if record.phase is not VolumePhase.READY:
             return None
         now = self.monotonic()
-        for node in record.replica_nodes():
-            since = self._dead_since.get(node)
-            if since is not None and now - since >= self.replace_after_s:
-                return await self._replace(versioned, node, nodes, volumes)
+        dead = {n for n, since in self._dead_since.items() if now - since >= self.replace_after_s}
+        decision = replaceable(record, dead, nodes)
+        if isinstance(decision, str):
+            return decision
+        if decision:
+            return await self._replace(versioned, decision[0], nodes, volumes)
         return None
 
     async def _replace(

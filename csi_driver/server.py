@@ -19,6 +19,12 @@ import grpc
 
 from csi_driver._gen import agent_pb2_grpc, csi_pb2_grpc
 from csi_driver.agent import AgentClients, AgentServicer
+from csi_driver.agent_auth import (
+    AgentAuthInterceptor,
+    AgentVerifier,
+    load_public_keys,
+    load_signer,
+)
 from csi_driver.attach import choose_attacher
 from csi_driver.config import ControllerConfig, NodeConfig
 from csi_driver.controller import ControllerServicer
@@ -30,6 +36,8 @@ from csi_driver.node import NodeServicer
 from csi_driver.node_down import Policy
 from csi_driver.ownership import Ownership
 from csi_driver.reconciler import Reconciler
+from csi_driver.replica_access import StoreReplicaAccess
+from csi_driver.replica_decisions import may_delete
 from csi_driver.staging import StagingService
 from csi_driver.state import errors as store_errors
 from csi_driver.state.etcd import EtcdStore
@@ -37,6 +45,7 @@ from csi_driver.state.store import Store
 from csi_driver.targets import TargetProcesses, local_writers_dir
 from csi_driver.volumes import VolumeService
 from replication.local_writers import LocalWriters
+from replication.peer_auth import PeerAuth, load_secret
 from replication.pool.base import Pool, open_pool
 from replication.replica_server import ReplicaServer
 
@@ -68,7 +77,7 @@ async def run_controller(config: ControllerConfig) -> None:
     # First, so a missing package or Kubernetes config stops us before we serve (exit 2).
     kube = connect(config.kubeconfig) if config.node_down_mode != "off" else None
     store = EtcdStore(list(config.etcd.endpoints), prefix=config.etcd.prefix)
-    agents = AgentClients(config.agent_timeout_s)
+    agents = AgentClients(config.agent_timeout_s, load_signer(config.agent_key_file))
     locks = VolumeLocks()
     volumes = VolumeService(store, agents, locks)
     server = grpc.aio.server()
@@ -114,13 +123,15 @@ async def _reconcile_forever(reconciler: Reconciler) -> None:
 async def sweep_orphans(
     store: Store, pool: Pool, node_id: str, forget: Callable[[str], None] = lambda _: None
 ) -> int:
-    """Delete local replicas that no volume record names: the volume was deleted, or the
-    replica was replaced, while this node was away. Records name their replicas before the
-    replicas are created, so a replica being created is never swept."""
+    """Delete local replicas that no volume record needs: the volume was deleted, or the
+    replica was replaced while this node was away and another in-sync replica is alive
+    (``replica_decisions.may_delete``). Records name their replicas before the replicas are
+    created, so a replica being created is never swept."""
     removed = 0
+    live = {v.value.node_id for v in await store.list_nodes()}
     for info in await asyncio.to_thread(pool.list):
-        found = await store.get_volume(info.volume_id)
-        if found is None or node_id not in found.value.replica_nodes():
+        found = await store.get_volume(info.volume_id)  # a store error deletes nothing
+        if may_delete(found.value if found else None, node_id, live):
             forget(info.volume_id)
             await asyncio.to_thread(pool.delete, info.volume_id)
             log.info("volume=%s node=%s orphan replica removed", info.volume_id, node_id)
@@ -166,14 +177,19 @@ async def run_node(config: NodeConfig) -> None:
     )
     membership = Membership(config, store, pool, staging.staged_count)
     await membership.register()
-    replicas = ReplicaServer(pool, config.state_dir / "replicas", config.node_id,
+    auth = PeerAuth(load_secret(config.cluster_secret_file), config.node_id)
+    replicas = ReplicaServer(pool, config.state_dir / "replicas", auth,
+                             access=StoreReplicaAccess(store),
                              local_writers=LocalWriters(local_writers_dir(config.state_dir)))
     await sweep_orphans(store, pool, config.node_id)
     await replicas.start(*config.replica_listen)
 
-    agent_server = grpc.aio.server()
+    verifier = AgentVerifier(load_public_keys(config.agent_public_key_file),
+                             config.agent_address)
+    agent_server = grpc.aio.server(interceptors=[AgentAuthInterceptor(verifier)])
     agent_pb2_grpc.add_AgentServicer_to_server(
-        AgentServicer(config.node_id, pool, membership.capacity_changed, replicas.forget),
+        AgentServicer(config.node_id, pool, membership.capacity_changed, replicas.forget,
+                      store),
         agent_server,
     )
     agent_server.add_insecure_port(config.agent_address)

@@ -41,6 +41,7 @@ from replication.hold import DEFAULT_HOLD_S
 from replication.local_replica import LocalReplica
 from replication.local_writers import LocalWriters
 from replication.nbd_server import NbdServer
+from replication.peer_auth import PeerAuth, SecretError, load_secret
 from replication.replica_client import ReplicaClient
 from replication.target import ReplicaEndpoint, ReplicatedBackend
 
@@ -69,6 +70,10 @@ async def _endpoints(store: EtcdStore, record: VolumeRecord) -> list[ReplicaEndp
 
 
 async def serve(args: argparse.Namespace) -> None:
+    try:
+        auth = PeerAuth(load_secret(Path(args.cluster_secret_file)), args.node_id)
+    except SecretError as exc:
+        raise TargetStartError(str(exc)) from None
     store = EtcdStore(parse_etcd_endpoints(args.etcd_endpoints), prefix=args.etcd_prefix)
     found = await store.get_volume(args.volume_id)
     if found is None:
@@ -93,9 +98,9 @@ async def serve(args: argparse.Namespace) -> None:
         # A replica that does not answer within this is dropped from the ISR (and rebuilt
         # later): a takeover must not wait out a dead node's TCP timeout.
         if writers is None or endpoint.node_id != args.node_id:
-            return await ReplicaClient.connect(endpoint.host, endpoint.port, args.node_id,
+            return await ReplicaClient.connect(endpoint.host, endpoint.port, auth,
                                                connect_timeout_s=FENCE_CONNECT_TIMEOUT_S)
-        local = await LocalReplica.connect(endpoint.host, endpoint.port, args.node_id,
+        local = await LocalReplica.connect(endpoint.host, endpoint.port, auth,
                                            connect_timeout_s=FENCE_CONNECT_TIMEOUT_S)
         local.enable_direct(args.local_replica_path, writers)
         return local
@@ -243,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--etcd-endpoints", required=True)
     parser.add_argument("--etcd-prefix", default="/tandem/")
     parser.add_argument("--state-dir", required=True)
+    parser.add_argument("--cluster-secret-file", required=True,
+                        help="the replication secret (the node passes its own)")
     parser.add_argument("--lease-ttl", type=lease_ttl_arg, default=DEFAULT_LEASE_TTL_S)
     parser.add_argument("--owner-lease", type=lambda v: int(v, 0), required=True,
                         help="the etcd lease the node bound our claim to (we keep it alive)")

@@ -65,17 +65,19 @@ class TargetProcesses:
         proc = self._procs.get(volume_id)
         return proc is not None and proc.returncode is None
 
-    def _argv(self, volume_id: str, lease: OwnerLease) -> list[str]:
+    async def _argv(self, volume_id: str, lease: OwnerLease) -> list[str]:
         c = self._config
         argv = [
             "--volume-id", volume_id, "--node-id", c.node_id,
             "--socket", str(self.socket_path(volume_id)),
             "--etcd-endpoints", ",".join(c.etcd.endpoints), "--etcd-prefix", c.etcd.prefix,
             "--state-dir", str(self._dir), *lease_args(lease),
+            "--cluster-secret-file", str(c.cluster_secret_file),
             "--hold-io-timeout", str(c.hold_io_s),
             "--log-file", str(self._dir / f"{volume_id}.log"),
         ]
-        local = self._local_replica(volume_id)
+        # A pool lookup may run a tool (lvs, ~65 ms): never on the node's event loop.
+        local = await asyncio.to_thread(self._local_replica, volume_id)
         if local is not None:
             argv += ["--local-replica-path", local,
                      "--local-writers-dir", str(local_writers_dir(c.state_dir))]
@@ -100,7 +102,7 @@ class TargetProcesses:
 
     async def _launch(self, volume_id: str, lease: OwnerLease) -> asyncio.subprocess.Process:
         spare, self._spare = self._spare, None
-        argv = self._argv(volume_id, lease)
+        argv = await self._argv(volume_id, lease)
         if spare is not None and spare.returncode is None and spare.stdin is not None:
             try:
                 spare.stdin.write(json.dumps(argv).encode() + b"\n")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from csi_driver.state.store import Store
 from replication.messages import DIGEST_SIZE, ChecksumAlgo, Status
+from replication.peer_auth import PeerAuth
 from replication.replica_client import ReplicaClient
 
 CHUNK = 64 << 20
@@ -76,7 +77,7 @@ async def _compare_block(
     return False
 
 
-async def verify_volume(store: Store, volume_id: str, node_id: str = "verify") -> VerifyReport:
+async def verify_volume(store: Store, volume_id: str, auth: PeerAuth) -> VerifyReport:
     found = await store.get_volume(volume_id)
     if found is None:
         raise LookupError(f"volume {volume_id} does not exist")
@@ -91,7 +92,7 @@ async def verify_volume(store: Store, volume_id: str, node_id: str = "verify") -
             continue
         host, _, port = node.replica_address.rpartition(":")
         try:
-            clients[replica] = await ReplicaClient.connect(host, int(port), node_id)
+            clients[replica] = await ReplicaClient.connect(host, int(port), auth)
         except Exception as exc:  # any connection failure is a verdict, not a crash
             report.replicas.append(ReplicaVerdict(replica, False, detail=str(exc)))
     try:

@@ -24,6 +24,7 @@ import os
 
 from replication.local_writers import LocalWriters, Writer
 from replication.messages import Buffer, Op, Response, Status, WriteBatch
+from replication.peer_auth import PeerAuth
 from replication.replica_client import ReplicaClient
 from replication.replica_io import pwrite_all
 
@@ -36,8 +37,8 @@ class LocalReplica(ReplicaClient):
     """Use ``await LocalReplica.connect(...)`` then ``enable_direct(...)`` before FENCE."""
 
     def __init__(self, address: tuple[str, int], request_timeout_s: float,
-                 user_timeout_ms: int) -> None:
-        super().__init__(address, request_timeout_s, user_timeout_ms)
+                 user_timeout_ms: int, auth: PeerAuth) -> None:
+        super().__init__(address, request_timeout_s, user_timeout_ms, auth)
         self._path: str | None = None
         self._writers: LocalWriters | None = None
         self._registered: Writer | None = None

@@ -46,6 +46,9 @@ HEADER_BODY = struct.Struct("!BBHQQQIIIBB")
 HEADER_CRC_START = 8  # the header crc covers every header byte after itself
 
 U64_MAX = (1 << 64) - 1
+# Epochs are issued by etcd CAS one at a time and a real one never comes near this: a
+# request above it is a protocol error, so no FENCE can exhaust the epoch space.
+MAX_EPOCH = (1 << 48) - 1
 MAX_VOLUME_ID = 128
 MAX_NODE_ID = 253  # a Kubernetes node name is a DNS subdomain: at most 253 characters
 MAX_TOKEN = 4096

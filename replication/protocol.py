@@ -37,7 +37,6 @@ closes the connection; misuse by our caller raises ``LocalProtocolError``.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
@@ -66,6 +65,7 @@ _VERSION = m.PROTOCOL_VERSION
 _Remote = m.RemoteProtocolError
 _Local = m.LocalProtocolError
 _HANDSHAKE_MAX = m.HANDSHAKE_MAX_PAYLOAD
+_MAX_EPOCH = m.MAX_EPOCH
 
 
 _RBUF_MIN = 256 << 10  # the receive buffer's smallest size, and the most a read may ask for
@@ -88,8 +88,10 @@ _STATE_FOR_OP = {Op.HELLO: _AWAIT, Op.AUTH: _AUTHING}  # every other op needs RE
 class Connection:
     """One end of a replication connection (not thread-safe; one per TCP connection).
 
-    ``authenticate`` gets the peer's HELLO token (a server checks the client's, a client may
-    check the server's); None accepts any. Received payloads are bytes or read-only
+    ``auth``: this node's credentials; with them the handshake is mutual challenge-response
+    (``peer_auth``) and a peer that fails it gets nothing but a closed connection. Without
+    them (codec tests, tools on a trusted link) HELLO alone makes both sides READY.
+    Received payloads are bytes or read-only
     memoryviews into the received chunk (zero-copy): copy them to keep them."""
 
     def __init__(
@@ -99,7 +101,6 @@ class Connection:
         max_payload: int = m.DEFAULT_MAX_PAYLOAD,
         max_in_flight: int = m.DEFAULT_MAX_IN_FLIGHT,
         payload_checksums: bool = True,
-        authenticate: Callable[[bytes], bool] | None = None,
         auth: PeerAuth | None = None,
     ) -> None:
         if not 0 < max_payload <= 0xFFFFFFFF or max_in_flight < 1:
@@ -112,7 +113,6 @@ class Connection:
         # silently. crc32 of 4 KiB costs ~1 us; turn it off only on links you trust.
         self.payload_checksums = payload_checksums
         self.peer_hello: m.Hello | None = None
-        self._authenticate = authenticate
         self.auth = auth
         self._nonces: tuple[bytes, bytes] = (b"", b"")  # (client's, server's) of the handshake
         self._hello_node = ""  # the node id our own HELLO named
@@ -289,6 +289,8 @@ class Connection:
         vid = m.decode_volume_id(vid_raw) if vid_raw else ""
         if vid is None:
             raise _Remote("invalid volume id")
+        if epoch > _MAX_EPOCH:
+            raise _Remote(f"epoch {epoch} is beyond any the state store issues")
         flags &= ~_NO_CRC
         try:
             member, expected = m.check_request(op, flags, vid, epoch, offset, length, payload, lim)
@@ -343,10 +345,6 @@ class Connection:
             if len(hello.token) != NONCE_SIZE:
                 self._reject(Op.HELLO, rid, "authentication required")
             self._nonces = (hello.token, self.auth.nonce())
-        else:
-            reason = self._auth_failure(hello.token)
-            if reason:
-                self._reject(Op.HELLO, rid, reason)
         self.peer_hello = hello
         self._state = _PENDING
 
@@ -372,20 +370,8 @@ class Connection:
             self.peer_hello = hello
             self._state = _AUTHING  # the caller sends encode_auth() next
             return
-        reason = self._auth_failure(hello.token)
-        if reason:
-            raise _Remote(reason)
         self.peer_hello = hello
         self._state = _READY
-
-    def _auth_failure(self, token: bytes) -> str:
-        if self._authenticate is None:
-            return ""
-        try:
-            ok = self._authenticate(token)
-        except Exception as exc:  # a hook that chokes on a token has rejected it
-            return f"authentication failed: {exc!r}"
-        return "" if ok else "authentication failed"
 
     def send(self, event: Event) -> bytes:
         """Encode one event into a single bytes object (convenient, one copy of payload)."""

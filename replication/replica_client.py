@@ -33,7 +33,6 @@ from replication.messages import (
     ChecksumAlgo,
     ChecksumSpec,
     Flag,
-    Hello,
     Op,
     ProtocolErrorEvent,
     Response,
@@ -41,6 +40,7 @@ from replication.messages import (
     Status,
     WriteBatch,
 )
+from replication.peer_auth import PeerAuth
 from replication.protocol import Connection
 
 log = logging.getLogger(__name__)
@@ -106,12 +106,13 @@ class _Protocol(asyncio.Protocol):
 class ReplicaClient:
     """A pipelined connection to one replica server; use ``await ReplicaClient.connect()``."""
 
-    def __init__(self, address: tuple[str, int], request_timeout_s: float, user_timeout_ms: int):
+    def __init__(self, address: tuple[str, int], request_timeout_s: float, user_timeout_ms: int,
+                 auth: PeerAuth):
         self._loop = asyncio.get_running_loop()
         self.address = address
         self._timeout = request_timeout_s
         self._user_timeout_ms = user_timeout_ms
-        self._conn = Connection(Role.CLIENT)
+        self._conn = Connection(Role.CLIENT, auth=auth)
         self._transport: asyncio.Transport | None = None
         # request id -> (future, deadline); insertion order = submission order, so the
         # first entry is always the oldest request still in flight.
@@ -131,26 +132,34 @@ class ReplicaClient:
         cls,
         host: str,
         port: int,
-        node_id: str,
+        auth: PeerAuth,
         *,
-        token: bytes = b"",
         connect_timeout_s: float = 3.0,
         request_timeout_s: float = 5.0,
         user_timeout_ms: int = 3000,
     ) -> Self:
-        """Connect and HELLO. Raises ReplicaUnavailableError if the replica cannot be
-        reached in time, ReplicaStatusError if it refuses the HELLO (e.g. AUTH_FAILED)."""
-        client = cls((host, port), request_timeout_s, user_timeout_ms)
-        hello = Hello(node_id, token).encode()
+        """Connect and authenticate both ways (``peer_auth``: we prove we hold the cluster
+        secret as ``auth.node_id``, the replica proves it too). Raises
+        ReplicaUnavailableError if the replica cannot be reached in time or fails to prove
+        itself, ReplicaStatusError if it refuses us (AUTH_FAILED)."""
+        client = cls((host, port), request_timeout_s, user_timeout_ms, auth)
         try:
             async with asyncio.timeout(connect_timeout_s):
                 await client._loop.create_connection(lambda: _Protocol(client), host, port)
-                response = await client._submit(Op.HELLO, "", 0, 0, 0, 0, hello)
+                # The codec fills in our HELLO (a fresh nonce) and the AUTH proof.
+                response = await client._submit(Op.HELLO, "", 0)
+                if response.status is Status.OK:
+                    rid = client._next_id
+                    client._out += client._conn.encode_auth(rid)
+                    response = await client._track(rid, client._loop.create_future())
         except (OSError, TimeoutError) as exc:
             reason = f"cannot connect to replica {host}:{port}: {exc!r}"
             client._die(reason, notify=False)
             raise ReplicaUnavailableError(reason) from exc
-        if response.status is not Status.OK or client._conn.peer_hello is None:
+        except BaseException:
+            client._die(f"handshake with {host}:{port} failed", notify=False)
+            raise
+        if response.status is not Status.OK or client._conn.peer_node is None:
             client.close()
             expect_ok(response)  # raises with the replica's reason
         client._timer = client._loop.call_later(DEADLINE_CHECK_S, client._check_deadlines)
@@ -160,9 +169,8 @@ class ReplicaClient:
 
     @property
     def node_id(self) -> str:
-        """The replica's node id, from its HELLO."""
-        hello = self._conn.peer_hello
-        return hello.node_id if hello is not None else ""
+        """The replica's node id, proven in the handshake."""
+        return self._conn.peer_node or ""
 
     @property
     def closed(self) -> bool:

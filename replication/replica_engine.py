@@ -7,6 +7,11 @@ server does), decide ownership or ISR membership, reorder the content-changing r
 is given, block the event loop on more than page-cache I/O and rare tiny metadata fsyncs,
 or import csi_driver, grpc or etcd.
 
+Pool calls never run on the event loop: an LVM lookup runs ``lvs`` (~65 ms), and the node's
+CSI service, agent and lease renewal share this loop. Opening a replica, re-reading its size
+and TRIMs through the pool are ``Deferred`` with a barrier; housekeeping looks replicas up in
+a worker thread.
+
 Ordering: the server hands requests over in arrival order. Page-cache I/O (pwrite, pread,
 ranges up to ``INLINE_MAX``) runs inline, which keeps that order for free; a bigger range op
 returns a ``Deferred`` with ``barrier=True``: the caller holds that connection's later
@@ -29,7 +34,7 @@ import errno
 import logging
 import os
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 from replication.errors import ReplicaNotFoundError, ReplicationError
@@ -42,20 +47,19 @@ from replication.messages import (
     Request,
     StatInfo,
     Status,
-    block_digests,
     write_batch_entries,
 )
-from replication.pool.base import Pool
-from replication.replica_io import pwrite_all
+from replication.pool.base import Pool, ReplicaInfo
+from replication.replica_io import pread_exact, pwrite_all, range_digests, write_zeros
 from replication.replica_meta import MetaState, MetaStore
 
 log = logging.getLogger(__name__)
 
 INLINE_MAX = 1 << 20  # range ops up to this run inline; bigger ones in a thread + barrier
 INLINE_CHECKSUM_MAX = 256 << 10  # hashing costs ~1.5 ms/MiB: keep loop stalls well under 1 ms
-_ZEROS = bytes(INLINE_MAX)
 _OBSERVER_OPS = frozenset({Op.READ, Op.STAT, Op.CHECKSUM})
 _RANGE_OPS = frozenset({Op.WRITE, Op.READ, Op.TRIM, Op.WRITE_ZEROES, Op.CHECKSUM})
+_HANDSHAKE_OPS = frozenset({Op.HELLO, Op.AUTH})  # the codec and the server answer these
 _FUA = int(Flag.FUA)
 _NO_HOLE = int(Flag.NO_HOLE)
 _flag_bits = int.__and__  # C speed: IntFlag's own & runs Python code, ~1.5 us per write
@@ -96,6 +100,7 @@ class ReplicaEngine:
         self._writers = local_writers
         self._store = MetaStore(meta_dir)
         self._replicas: dict[str, _Replica] = {}
+        self._size_fresh = False  # set for one synchronous run after a size lookup
 
     def close(self) -> None:
         """Save every replica's metadata and close every descriptor."""
@@ -121,34 +126,45 @@ class ReplicaEngine:
             log.error("replica %s: cannot save metadata: %s", rep.volume_id, exc)
         os.close(rep.fd)  # threads work on dup()ed descriptors: this one is ours alone
 
-    def housekeeping(self) -> None:
+    async def housekeeping(self) -> None:
         """Call about once a second: lazy metadata saves, replicas deleted under us."""
-        for rep in list(self._replicas.values()):
+        reps = list(self._replicas.values())
+        for rep in reps:
             try:
                 rep.meta.persist_if_changed()
-                if self._current_ino(rep.volume_id) != rep.ino:
-                    log.info("replica %s was deleted or replaced: reopening", rep.volume_id)
-                    self._drop(rep)
             except (OSError, ReplicationError) as exc:
                 log.error("replica %s: housekeeping failed: %s", rep.volume_id, exc)
+        inos = await asyncio.to_thread(self._current_inos, [r.volume_id for r in reps])
+        for rep in reps:
+            ino = inos.get(rep.volume_id, rep.ino)  # a failed lookup says nothing
+            if ino != rep.ino:
+                log.info("replica %s was deleted or replaced: reopening", rep.volume_id)
+                self._drop(rep)
 
-    def _current_ino(self, volume_id: str) -> int | None:
-        info = self._pool.get(volume_id)
-        try:
-            return os.stat(info.path).st_ino if info is not None else None
-        except FileNotFoundError:
-            return None
+    def _current_inos(self, volume_ids: list[str]) -> dict[str, int | None]:
+        """In a worker thread: each replica's inode now (None: gone)."""
+        out: dict[str, int | None] = {}
+        for volume_id in volume_ids:
+            try:
+                info = self._pool.get(volume_id)
+                out[volume_id] = os.stat(info.path).st_ino if info is not None else None
+            except FileNotFoundError:
+                out[volume_id] = None
+            except (OSError, ReplicationError) as exc:
+                log.error("replica %s: housekeeping lookup failed: %s", volume_id, exc)
+        return out
 
-    def _open(self, volume_id: str) -> _Replica | None:
-        rep = self._replicas.get(volume_id)
-        if rep is not None:
-            return rep
+    def _lookup(self, volume_id: str) -> ReplicaInfo | None:
+        """In a worker thread: the pool's view of a replica."""
         try:
-            info = self._pool.get(volume_id)
+            return self._pool.get(volume_id)
         except ValueError:  # a wire-valid id the pool rejects (e.g. leading "."): no replica
             return None
-        if info is None:
-            return None
+
+    def _open(self, volume_id: str, info: ReplicaInfo) -> _Replica:
+        rep = self._replicas.get(volume_id)
+        if rep is not None:
+            return rep  # opened by another request while we looked it up
         meta = MetaState(self._store, volume_id)  # before the open: a bad file leaks no fd
         fd = os.open(info.path, os.O_RDWR | os.O_CLOEXEC)  # LVM paths are symlinks: follow
         rep = _Replica(volume_id, fd, os.fstat(fd).st_ino, info.size_bytes, meta)
@@ -157,17 +173,44 @@ class ReplicaEngine:
 
     def execute(self, req: Request) -> Result | Deferred:
         """Apply one request; never raises (every failure becomes a status)."""
-        rep: _Replica | None = None
+        rep = self._replicas.get(req.volume_id)
+        if rep is None:  # looked up off the loop; later requests wait behind the barrier
+            return Deferred(self._open_then_run(_detached(req)), barrier=True)
+        return self._run(rep, req)
+
+    def _run(self, rep: _Replica, req: Request) -> Result | Deferred:
         try:
-            rep = self._open(req.volume_id)
-            if rep is None:
-                return _fail(Status.NOT_FOUND, 0, f"no replica {req.volume_id} on {self.node_id}")
             refused = self._check(rep, req)
             if refused is not None:
                 return refused
             return _HANDLERS[req.op](self, rep, req)
+        except _SizeUnknown:  # it may have grown: re-read off the loop, then run again
+            return Deferred(self._resize_then_run(rep, _detached(req)), barrier=True)
         except Exception as exc:
             return self._error(rep, req, exc)
+
+    async def _open_then_run(self, req: Request) -> Result:
+        try:
+            info = await asyncio.to_thread(self._lookup, req.volume_id)
+            if info is None:
+                return _fail(Status.NOT_FOUND, 0, f"no replica {req.volume_id} on {self.node_id}")
+            rep = self._open(req.volume_id, info)
+        except Exception as exc:
+            return self._error(None, req, exc)
+        return await _settled(self._run(rep, req))
+
+    async def _resize_then_run(self, rep: _Replica, req: Request) -> Result:
+        try:
+            info = await asyncio.to_thread(self._pool.get, rep.volume_id)
+        except Exception as exc:
+            return self._error(rep, req, exc)
+        rep.size = info.size_bytes if info is not None else rep.size
+        self._size_fresh = True  # this one run may trust rep.size: no second lookup
+        try:
+            res = self._run(rep, req)
+        finally:
+            self._size_fresh = False
+        return await _settled(res)
 
     def _error(self, rep: _Replica | None, req: Request, exc: Exception) -> Result:
         epoch = rep.meta.fenced_epoch if rep is not None else 0
@@ -200,10 +243,10 @@ class ReplicaEngine:
         return None
 
     def _fits(self, rep: _Replica, end: int) -> bool:
-        """``end`` is within the replica (re-read from the pool: it may have grown)."""
-        if end > rep.size:
-            info = self._pool.get(rep.volume_id)
-            rep.size = info.size_bytes if info is not None else rep.size
+        """``end`` is within the replica; raises _SizeUnknown when only the pool can tell
+        (it may have grown): the request then runs again after a lookup off the loop."""
+        if end > rep.size and not self._size_fresh:
+            raise _SizeUnknown
         return end <= rep.size
 
     # -- operations: inline ones return a Result, the rest a Deferred ---------------------
@@ -258,20 +301,22 @@ class ReplicaEngine:
     def _read(self, rep: _Replica, req: Request) -> Result | Deferred:
         # Big reads are rebuild copies, likely not cached: a disk read would stall the loop.
         if req.length > INLINE_MAX:
-            return self._offload(rep, req, _pread, req.offset, req.length, barrier=True)
-        return Status.OK, rep.meta.fenced_epoch, _pread(rep.fd, req.offset, req.length)
+            return self._offload(rep, req, pread_exact, req.offset, req.length, barrier=True)
+        return Status.OK, rep.meta.fenced_epoch, pread_exact(rep.fd, req.offset, req.length)
 
     def _trim(self, rep: _Replica, req: Request) -> Result | Deferred:
         if not rep.meta.write_ready:
             rep.meta.mark_dirty()
-        fn: _ThreadFn = _write_zeros
-        if not (req.op is Op.WRITE_ZEROES and _flag_bits(req.flags, _NO_HOLE)):
-            vid, pool = rep.volume_id, self._pool
-            fn = lambda _fd, off, n: pool.punch_hole(vid, off, n) if n else None  # noqa: E731
-        if req.length > INLINE_MAX:
-            return self._offload(rep, req, fn, req.offset, req.length, barrier=True)
-        fn(rep.fd, req.offset, req.length)
-        return self._done(rep, req)
+        if req.op is Op.WRITE_ZEROES and _flag_bits(req.flags, _NO_HOLE):
+            if req.length > INLINE_MAX:
+                return self._offload(rep, req, write_zeros, req.offset, req.length,
+                                     barrier=True)
+            write_zeros(rep.fd, req.offset, req.length)
+            return self._done(rep, req)
+        # Through the pool (an LVM discard runs tools): always in a worker thread.
+        vid, pool = rep.volume_id, self._pool
+        fn: _ThreadFn = lambda _fd, off, n: pool.punch_hole(vid, off, n) if n else None  # noqa: E731
+        return self._offload(rep, req, fn, req.offset, req.length, barrier=True)
 
     _write_zeroes = _trim
 
@@ -281,8 +326,10 @@ class ReplicaEngine:
     def _checksum(self, rep: _Replica, req: Request) -> Result | Deferred:
         spec = ChecksumSpec.decode(req.payload)  # the codec validated it already
         if req.length > INLINE_CHECKSUM_MAX:  # barrier: a consistent point in the stream
-            return self._offload(rep, req, _digests, req.offset, req.length, spec, barrier=True)
-        return Status.OK, rep.meta.fenced_epoch, _digests(rep.fd, req.offset, req.length, spec)
+            return self._offload(rep, req, range_digests, req.offset, req.length, spec,
+                                 barrier=True)
+        digests = range_digests(rep.fd, req.offset, req.length, spec)
+        return Status.OK, rep.meta.fenced_epoch, digests
 
     def _fence(self, rep: _Replica, req: Request) -> Result | Deferred:
         rep.meta.fence(req.epoch)  # _check refused lower epochs; this persists before reply
@@ -303,12 +350,18 @@ class ReplicaEngine:
 
         return Deferred(work(), barrier=True)
 
-    def _stat(self, rep: _Replica, req: Request) -> Result:
-        info = self._pool.get(rep.volume_id)
-        rep.size = info.size_bytes if info is not None else rep.size
-        meta = rep.meta
-        stat = StatInfo(rep.size, meta.fenced_epoch, meta.generation, meta.dirty)
-        return Status.OK, meta.fenced_epoch, stat.encode()
+    def _stat(self, rep: _Replica, req: Request) -> Deferred:
+        async def work() -> Result:
+            try:  # the size may have changed (resize): the pool knows, off the loop
+                info = await asyncio.to_thread(self._pool.get, rep.volume_id)
+            except Exception as exc:
+                return self._error(rep, req, exc)
+            rep.size = info.size_bytes if info is not None else rep.size
+            meta = rep.meta
+            stat = StatInfo(rep.size, meta.fenced_epoch, meta.generation, meta.dirty)
+            return Status.OK, meta.fenced_epoch, stat.encode()
+
+        return Deferred(work(), barrier=False)
 
     def _settle(self, rep: _Replica, req: Request) -> Result:
         rep.meta.settle(req.offset)  # persisted lazily: by the next tick or FLUSH
@@ -317,8 +370,23 @@ class ReplicaEngine:
 
 _Handler = Callable[[ReplicaEngine, _Replica, Request], "Result | Deferred"]
 _HANDLERS: dict[Op, _Handler] = {
-    op: getattr(ReplicaEngine, f"_{op.name.lower()}") for op in Op if op is not Op.HELLO
+    op: getattr(ReplicaEngine, f"_{op.name.lower()}")
+    for op in Op
+    if op not in _HANDSHAKE_OPS
 }
+
+
+class _SizeUnknown(Exception):
+    """The request reaches past the size we know: only the pool can say if it grew."""
+
+
+async def _settled(res: Result | Deferred) -> Result:
+    return await res.work if isinstance(res, Deferred) else res
+
+
+def _detached(req: Request) -> Request:
+    """``req`` with a payload of its own: a deferred request outlives the receive buffer."""
+    return replace(req, payload=bytes(req.payload)) if req.payload else req
 
 
 def _in_thread(fd: int, fn: _ThreadFn | None, args: tuple[Any, ...], sync: bool) -> Buffer:
@@ -329,28 +397,3 @@ def _in_thread(fd: int, fn: _ThreadFn | None, args: tuple[Any, ...], sync: bool)
         return out or b""
     finally:
         os.close(fd)
-
-
-def _pread(fd: int, offset: int, length: int) -> bytes:
-    data = os.pread(fd, length, offset)
-    if len(data) != length:
-        raise OSError(errno.EIO, "short read")
-    return data
-
-
-def _write_zeros(fd: int, offset: int, length: int) -> None:
-    zeros = memoryview(_ZEROS)
-    end = offset + length
-    while offset < end:
-        n = min(end - offset, len(zeros))
-        pwrite_all(fd, zeros[:n], offset)
-        offset += n
-
-
-def _digests(fd: int, offset: int, length: int, spec: ChecksumSpec) -> bytes:
-    chunk = max(spec.block_size, INLINE_MAX)  # whole blocks per read: both are powers of 2
-    parts = []
-    for pos in range(offset, offset + length, chunk):
-        size = min(chunk, offset + length - pos)
-        parts.append(block_digests(_pread(fd, pos, size), spec.block_size, spec.algo))
-    return b"".join(parts)

@@ -14,27 +14,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hmac
+import contextlib
 import logging
 import signal
 import sys
 from collections import deque
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import cast
 
+from replication.access import ConnectionLimits, ReplicaAccess
 from replication.heap import keep_large_buffers_on_heap
 from replication.local_writers import LocalWriters
 from replication.messages import Buffer, Hello, Op, ProtocolErrorEvent, Request, Role, Status
+from replication.peer_auth import PeerAuth, SecretError, load_secret
 from replication.pool.base import Pool
-from replication.protocol import Connection
+from replication.protocol import Connection, State
 from replication.replica_client import HIGH_WATER, configure_socket
 from replication.replica_engine import Deferred, ReplicaEngine, Result
 
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_S = 1.0  # lazy metadata saves and stale-descriptor checks
+_OBSERVER_OPS = frozenset({Op.READ, Op.STAT, Op.CHECKSUM})
+_DEFAULT_LIMITS = ConnectionLimits()
 
 
 class ReplicaServer:
@@ -44,25 +47,31 @@ class ReplicaServer:
         self,
         pool: Pool,
         meta_dir: Path,
-        node_id: str,
+        auth: PeerAuth,
         *,
-        authenticate: Callable[[bytes], bool] | None = None,
+        access: ReplicaAccess | None = None,
         local_writers: LocalWriters | None = None,
+        limits: ConnectionLimits = _DEFAULT_LIMITS,
     ) -> None:
-        self.node_id = node_id
-        self.hello = Hello(node_id).encode()  # validates the node id now, not per client
-        self.authenticate = authenticate
-        self.engine = ReplicaEngine(pool, meta_dir, node_id, local_writers)
+        """``auth``: every peer must prove it holds the cluster secret (no anonymous peers).
+        ``access``: who may touch which volume, and which epochs are real (the node passes
+        its etcd view; without it any authenticated peer may act on any volume)."""
+        self.node_id = auth.node_id
+        self.hello = Hello(auth.node_id).encode()  # validates the node id now, not per client
+        self.auth = auth
+        self.access = access
+        self.limits = limits
+        self.engine = ReplicaEngine(pool, meta_dir, auth.node_id, local_writers)
         self.connections: set[_ServerConnection] = set()
         self._server: asyncio.Server | None = None
-        self._housekeeping: asyncio.TimerHandle | None = None
+        self._housekeeping: asyncio.Task[None] | None = None
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: _ServerConnection(self), host, port, reuse_address=True
         )
-        self._housekeeping = loop.call_later(HOUSEKEEPING_S, self._tick)
+        self._housekeeping = loop.create_task(self._housekeep_forever())
 
     @property
     def port(self) -> int:
@@ -74,6 +83,8 @@ class ReplicaServer:
         """Stop listening, drop every connection, save metadata and close descriptors."""
         if self._housekeeping is not None:
             self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
@@ -86,9 +97,13 @@ class ReplicaServer:
         """Close the replica's cached descriptor: call before the pool deletes it."""
         self.engine.forget(volume_id, delete_meta=delete_meta)
 
-    def _tick(self) -> None:
-        self.engine.housekeeping()
-        self._housekeeping = asyncio.get_running_loop().call_later(HOUSEKEEPING_S, self._tick)
+    async def _housekeep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_S)
+            try:
+                await self.engine.housekeeping()
+            except Exception:  # keep serving; the next round tries again
+                log.exception("replica server %s: housekeeping failed", self.node_id)
 
 
 class _ServerConnection(asyncio.BufferedProtocol):
@@ -102,9 +117,13 @@ class _ServerConnection(asyncio.BufferedProtocol):
     def __init__(self, server: ReplicaServer) -> None:
         self._server = server
         self._engine = server.engine
-        self._conn = Connection(Role.SERVER, authenticate=server.authenticate)
+        self._conn = Connection(Role.SERVER, auth=server.auth)
         self._transport: asyncio.Transport | None = None
         self._peer = "?"
+        self._host = ""
+        self._granted: set[str] = set()  # volumes ``access`` allowed on this connection
+        self._approved: set[int] = set()  # request ids checked, about to be dispatched
+        self._handshake_timer: asyncio.TimerHandle | None = None
         self._out: list[Buffer] = []
         self._in_batch = False  # replies queued now go out at the end of data_received
         self._send_scheduled = False
@@ -119,12 +138,46 @@ class _ServerConnection(asyncio.BufferedProtocol):
         self._transport.set_write_buffer_limits(high=HIGH_WATER)
         peer = transport.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self._host = str(peer[0]) if isinstance(peer, tuple) else self._peer
+        refusal = self._over_limit()
         self._server.connections.add(self)
+        if refusal:
+            log.warning("replica connection %s refused: %s", self._peer, refusal)
+            self._closed = True
+            self._transport.abort()
+            return
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            self._server.limits.handshake_timeout_s, self._handshake_expired)
+
+    def _over_limit(self) -> str:
+        limits, conns = self._server.limits, self._server.connections
+        if len(conns) >= limits.max_connections:
+            return f"{len(conns)} connections open (limit {limits.max_connections})"
+        strangers = [c for c in conns if not c.authenticated]
+        if len(strangers) >= limits.max_unauthenticated:
+            return f"{len(strangers)} unauthenticated connections open"
+        if sum(c._host == self._host for c in strangers) >= limits.max_unauthenticated_per_host:
+            return f"too many unauthenticated connections from {self._host}"
+        return ""
+
+    @property
+    def authenticated(self) -> bool:
+        return self._conn.state is State.READY
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if not self.authenticated and not self._closed:
+            log.warning("replica connection %s: no handshake within %.1f s, closing",
+                        self._peer, self._server.limits.handshake_timeout_s)
+            self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._conn.close()
         self._held = None
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
         self._server.connections.discard(self)
 
     def abort(self) -> None:
@@ -166,8 +219,16 @@ class _ServerConnection(asyncio.BufferedProtocol):
             self._transport.close()  # after the buffered replies (and the error reply) drain
 
     def _dispatch(self, req: Request) -> None:
-        if req.op is Op.HELLO:
+        op = req.op
+        if op is Op.HELLO:
+            # The codec replaces the payload with our nonce and proof; the node id is ours.
             self._reply(req, (Status.OK, 0, self._server.hello))
+            return
+        if op is Op.AUTH:  # the codec verified the proof; a bad one never gets here
+            self._reply(req, (Status.OK, 0, b""))
+            return
+        if self._server.access is not None and self._needs_check(req):
+            self._check_access(req)
             return
         res = self._engine.execute(req)
         if not isinstance(res, Deferred):
@@ -179,6 +240,49 @@ class _ServerConnection(asyncio.BufferedProtocol):
             self._held = deque()
             self._update_reading()
         task.add_done_callback(lambda t: self._finished(req, t, deferred.barrier))
+
+    def _needs_check(self, req: Request) -> bool:
+        if req.request_id in self._approved:
+            self._approved.discard(req.request_id)
+            return False
+        if req.op is Op.FENCE:
+            return True
+        # An observer (epoch 0 READ/STAT/CHECKSUM, e.g. `tandem verify`) changes nothing:
+        # being authenticated is enough.
+        return req.volume_id not in self._granted and not (req.epoch == 0 and
+                                                            req.op in _OBSERVER_OPS)
+
+    def _check_access(self, req: Request) -> None:
+        """Ask ``access`` (the state store) before the first operation on a volume and
+        before every FENCE; later requests wait behind it, as behind any barrier."""
+        access = self._server.access
+        peer = self._conn.peer_node
+        assert access is not None and peer is not None  # no request before the handshake
+        fence = req.epoch if req.op is Op.FENCE else None
+        req = _detached(req)
+        task = asyncio.get_running_loop().create_task(access.check(req.volume_id, peer, fence))
+        self._held = deque()
+        self._update_reading()
+        task.add_done_callback(lambda t: self._checked(req, peer, t))
+
+    def _checked(self, req: Request, peer: str, task: asyncio.Task[str | None]) -> None:
+        if self._closed or task.cancelled():
+            return
+        try:
+            reason = task.result()
+        except Exception as exc:  # the store is unreachable: refuse; the peer retries
+            reason = f"cannot check access now: {exc}"
+        assert self._held is not None
+        if reason is None:
+            if req.op is not Op.FENCE:
+                self._granted.add(req.volume_id)
+            self._approved.add(req.request_id)
+            self._held.appendleft(req)
+        else:
+            log.warning("volume=%s peer=%s %s refused: %s", req.volume_id[:128], peer,
+                        req.op.name, reason)
+            self._reply(req, (Status.AUTH_FAILED, 0, reason.encode()[:1024]))
+        self._release()
 
     def _finished(self, req: Request, task: asyncio.Task[Result], barrier: bool) -> None:
         if self._closed or task.cancelled():
@@ -250,13 +354,9 @@ def _parse_listen(listen: str) -> tuple[str, int]:
 
 
 async def _serve(args: argparse.Namespace, pool: Pool) -> None:
-    authenticate = None
-    if args.token_file:
-        token = Path(args.token_file).read_bytes().strip()
-        authenticate = lambda got: hmac.compare_digest(got, token)  # noqa: E731
+    auth = PeerAuth(load_secret(Path(args.secret_file)), args.node_id)
     writers = LocalWriters(args.local_writers_dir) if args.local_writers_dir else None
-    server = ReplicaServer(pool, Path(args.meta_dir), args.node_id, authenticate=authenticate,
-                           local_writers=writers)
+    server = ReplicaServer(pool, Path(args.meta_dir), auth, local_writers=writers)
     host, port = args.listen
     await server.start(host, port)
     stop = asyncio.Event()
@@ -280,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--meta-dir", required=True)
     parser.add_argument("--listen", required=True, type=_parse_listen, help="HOST:PORT")
     parser.add_argument("--node-id", required=True)
-    parser.add_argument("--token-file", help="clients must present this HELLO token")
+    parser.add_argument("--secret-file", required=True,
+                        help="the cluster secret peers must prove they hold (mode 0600)")
     parser.add_argument("--local-writers-dir",
                         help="registry of processes writing replicas directly (ended on fence)")
     parser.add_argument("--log-level", default="INFO")
@@ -298,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with runner:
             runner.run(_serve(args, FilePool(args.pool_dir, args.pool_size)))
+    except SecretError as exc:
+        log.error("replica server: %s", exc)
+        return 2
     except OSError as exc:
         log.error("replica server cannot serve on %s: %s", args.listen, exc)
         return 1

@@ -11,11 +11,22 @@ from csi_driver.devcluster.cluster import (
     ClusterStatus,
     NodeStatus,
     ProcessStatus,
+    cluster_secret_path,
     down,
     status,
     up,
 )
-from csi_driver.devcluster.faults import KillMode, heal_node, kill_node, partition_node, revive_node
+from csi_driver.devcluster.faults import (
+    KillMode,
+    StoppedEtcd,
+    heal_node,
+    kill_node,
+    partition_node,
+    pause_node,
+    revive_node,
+    start_etcd,
+    stop_etcd,
+)
 from csi_driver.devcluster.spec import (
     ClusterError,
     ClusterSpec,
@@ -35,12 +46,17 @@ __all__ = [
     "NodeStatus",
     "PoolSpec",
     "ProcessStatus",
+    "StoppedEtcd",
+    "cluster_secret_path",
     "down",
     "heal_node",
     "kill_node",
     "load_spec",
     "partition_node",
+    "pause_node",
     "revive_node",
+    "start_etcd",
     "status",
+    "stop_etcd",
     "up",
 ]

@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 
 from csi_driver.config import DEFAULT_LEASE_TTL_S
+from csi_driver.credentials import write_credentials
 from csi_driver.devcluster import mounts, netns, procs
 from csi_driver.devcluster.spec import (
     DEFAULT_ETCD_PREFIX,
@@ -42,7 +43,19 @@ REPLICA_PORT = 7002
 STOP_GRACE_S = 10.0
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
-_FRESH_SUBDIRS = ("etcd", "sockets", "pools", "state")
+_FRESH_SUBDIRS = ("etcd", "sockets", "pools", "state", "credentials")
+
+
+def cluster_secret_path(directory: Path) -> Path:
+    """The dev cluster's replication secret (made anew by every up(), mode 0600)."""
+    return Path(directory) / "credentials" / "cluster-secret"
+
+
+def agent_key_paths(directory: Path) -> tuple[Path, Path]:
+    """The controller's agent signing key and the nodes' public key (made by up())."""
+    creds = Path(directory) / "credentials"
+    return creds / "agent.key", creds / "agent.pub"
+
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,7 @@ def _fresh_layout(directory: Path, nodes: int) -> None:
             shutil.rmtree(directory / sub)
     for sub in ("etcd", "logs", "sockets"):
         (directory / sub).mkdir(parents=True, exist_ok=True)
+    write_credentials(directory / "credentials")
     for i in range(1, nodes + 1):
         (directory / "pools" / f"node-{i}").mkdir(parents=True)
         (directory / "state" / f"node-{i}").mkdir(parents=True)
@@ -114,6 +128,7 @@ def _bring_up(
         sys.executable, "-m", "csi_driver.cli", "controller", "--csi-endpoint", ctl_endpoint,
         "--etcd-endpoints", ",".join(etcd.endpoints),
         "--replace-dead-after", str(replace_dead_after_s),
+        "--agent-key-file", str(agent_key_paths(directory)[0]),
     ]
     ctl = procs.spawn("controller", ctl_argv, directory / "logs" / "controller.log")
     ledger.record_proc(ctl)
@@ -203,6 +218,8 @@ def _start_node(
         "--etcd-endpoints", ",".join(etcd.endpoints), "--pool", pool.kind,
         "--pool-dir", pool.dir, "--pool-size", str(pool.size_bytes),
         "--state-dir", state_dir, "--lease-ttl", str(lease_ttl_s),
+        "--cluster-secret-file", str(cluster_secret_path(directory)),
+        "--agent-public-key-file", str(agent_key_paths(directory)[1]),
     )
     ns = names.netns(i) if names else None
     prefix = netns.nsenter_prefix(ns) if ns else []

@@ -1,4 +1,5 @@
-"""Fault injection on a running dev cluster: kill, revive, partition and heal a node.
+"""Fault injection on a running dev cluster: kill, revive, pause, partition and heal a
+node; stop and start etcd.
 
 Owns the failure recipes of environment.md "Simulating failures":
 - ``sigkill``: SIGKILL every pid in the node's namespace; peers see RST at once.
@@ -11,7 +12,10 @@ It must not create or delete clusters (cluster.py) nor know how nft/ip are drive
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import signal
 import time
 from functools import partial
 from pathlib import Path
@@ -127,3 +131,57 @@ def heal_node(directory: Path, node_id: str) -> None:
 
 def _host(address: str) -> str:
     return address.rsplit(":", 1)[0]
+
+
+def pause_node(directory: Path, node_id: str, *, resume: bool = False) -> None:
+    """SIGSTOP (or SIGCONT) every process of the node: alive to the kernel, silent to peers
+    (a node stalled by swapping or a hung disk)."""
+    directory = Path(directory).resolve()
+    with locked(directory):
+        _, node, _, rec = _load(directory, node_id)
+        sig = signal.SIGCONT if resume else signal.SIGSTOP
+        pids = set(netns.netns_pids(node.netns)) if node.netns else set()
+        if procs.is_running(rec):
+            pids |= {rec.pid} | procs.group_pids(rec.pid)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoppedEtcd:
+    argv: list[str]
+    log: str
+    stopped_at: float  # monotonic, when the stop began
+
+
+def stop_etcd(directory: Path) -> StoppedEtcd:
+    """SIGTERM the cluster's etcd and wait until it is gone (its data stays)."""
+    directory = Path(directory).resolve()
+    with locked(directory):
+        ledger = load_ledger(directory)
+        if ledger is None or "etcd" not in ledger.procs:
+            raise ClusterError(f"{directory}: no etcd in the cluster state")
+        old = ledger.procs["etcd"]
+        argv = [a.decode() for a in
+                Path(f"/proc/{old.pid}/cmdline").read_bytes().split(b"\0") if a]
+        stopped_at = time.monotonic()
+        if procs.stop([old], grace_s=10.0):
+            raise ClusterError("etcd did not stop")
+    return StoppedEtcd(argv, old.log, stopped_at)
+
+
+def start_etcd(directory: Path, stopped: StoppedEtcd, timeout_s: float = 30.0) -> float:
+    """Start etcd again with its old command line and data (recorded in the ledger, so
+    ``down()`` stops the new one); return the monotonic time it is healthy."""
+    directory = Path(directory).resolve()
+    spec = load_spec(directory)
+    with locked(directory):
+        ledger = load_ledger(directory)
+        if ledger is None:
+            raise ClusterError(f"{directory}: no cluster state")
+        new = procs.spawn("etcd", stopped.argv, Path(stopped.log), append_log=True)
+        ledger.record_proc(new)
+    procs.wait_ready({"etcd": partial(procs.etcd_healthy, spec.etcd_host_endpoint)}, [new],
+                     time.monotonic() + timeout_s)
+    return time.monotonic()

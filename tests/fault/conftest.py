@@ -29,8 +29,7 @@ import pytest
 from csi_driver import devcluster
 from csi_driver.client import CsiClient
 from csi_driver.crashcheck import WriterLog
-from csi_driver.devcluster import mounts, procs
-from csi_driver.devcluster.spec import load_ledger, locked
+from csi_driver.devcluster import mounts
 from csi_driver.failover_bench import WRITE_BLOCKS, settle
 from csi_driver.failover_csi import (
     Takeover,
@@ -52,6 +51,7 @@ from csi_driver.failover_io import (
 from csi_driver.state.etcd import EtcdStore
 from csi_driver.state.model import VolumeRecord
 from csi_driver.verify import VerifyReport, verify_volume
+from tests.credentials import cluster_auth
 
 LEASE_TTL_S = 2.0
 POOL_BYTES = 2 << 30
@@ -121,41 +121,6 @@ def run_store(spec: devcluster.ClusterSpec, use: Callable[[EtcdStore], Awaitable
     return asyncio.run(go())
 
 
-@dataclass(frozen=True)
-class StoppedEtcd:
-    argv: list[str]
-    log: str
-    stopped_at: float  # monotonic, when the stop began
-
-
-def stop_etcd(spec: devcluster.ClusterSpec) -> StoppedEtcd:
-    """SIGTERM the cluster's etcd and wait until it is gone."""
-    directory = Path(spec.dir)
-    with locked(directory):
-        ledger = load_ledger(directory)
-        assert ledger is not None, f"no cluster ledger in {directory}"
-        old = ledger.procs["etcd"]
-        argv = [a.decode() for a in
-                Path(f"/proc/{old.pid}/cmdline").read_bytes().split(b"\0") if a]
-        stopped_at = time.monotonic()
-        assert procs.stop([old], grace_s=10.0) == [], "etcd did not stop"
-    return StoppedEtcd(argv, old.log, stopped_at)
-
-
-def start_etcd(spec: devcluster.ClusterSpec, stopped: StoppedEtcd) -> float:
-    """Start etcd again with its old command line and data (recorded in the ledger, so
-    ``down()`` stops the new one); return the monotonic time it is healthy."""
-    directory = Path(spec.dir)
-    with locked(directory):
-        ledger = load_ledger(directory)
-        assert ledger is not None, f"no cluster ledger in {directory}"
-        new = procs.spawn("etcd", stopped.argv, Path(stopped.log), append_log=True)
-        ledger.record_proc(new)
-    procs.wait_ready({"etcd": partial(procs.etcd_healthy, spec.etcd_host_endpoint)}, [new],
-                     time.monotonic() + 30)
-    return time.monotonic()
-
-
 @dataclass
 class Fault:
     """One test's view of the cluster, and everything it must undo."""
@@ -167,7 +132,7 @@ class Fault:
     volumes: list[str] = field(default_factory=list)
     staged: list[tuple[str, str, str]] = field(default_factory=list)  # node, volume, tag
     notes: list[str] = field(default_factory=list)  # cleanup steps that needed a fallback
-    etcd_stopped: StoppedEtcd | None = None
+    etcd_stopped: devcluster.StoppedEtcd | None = None
 
     @property
     def dir(self) -> Path:
@@ -216,7 +181,7 @@ class Fault:
         return None
 
     def verify(self, volume_id: str) -> VerifyReport:
-        return run_store(self.spec, lambda s: verify_volume(s, volume_id))
+        return run_store(self.spec, lambda s: verify_volume(s, volume_id, cluster_auth(self.dir)))
 
     def kill(self, node_id: str, mode: devcluster.KillMode = "sigkill") -> None:
         devcluster.kill_node(self.dir, node_id, mode)
@@ -225,12 +190,12 @@ class Fault:
         devcluster.revive_node(self.dir, node_id)
 
     def stop_etcd(self) -> float:
-        self.etcd_stopped = stop_etcd(self.spec)
+        self.etcd_stopped = devcluster.stop_etcd(self.dir)
         return self.etcd_stopped.stopped_at
 
     def start_etcd(self) -> float:
         assert self.etcd_stopped is not None, "etcd is not stopped"
-        healthy_at = start_etcd(self.spec, self.etcd_stopped)
+        healthy_at = devcluster.start_etcd(self.dir, self.etcd_stopped)
         self.etcd_stopped = None
         return healthy_at
 

@@ -20,6 +20,7 @@ from replication.local_replica import LocalReplica
 from replication.local_writers import LocalWriters
 from replication.messages import Op, StatInfo, Status, WriteBatch
 from replication.replica_client import ReplicaClient, expect_ok
+from tests.credentials import auth
 from tests.integration.test_replica_server import VOL, ServerProcess, connect, run, serving
 
 pytestmark = pytest.mark.integration
@@ -39,7 +40,7 @@ def replica_path(srv: ServerProcess) -> str:
 
 
 async def open_local(srv: ServerProcess, epoch: int) -> LocalReplica:
-    local = await LocalReplica.connect("127.0.0.1", srv.port, "node-a")
+    local = await LocalReplica.connect("127.0.0.1", srv.port, auth("node-a"))
     local.enable_direct(replica_path(srv), LocalWriters(srv.base / "writers"))
     expect_ok(await local.fence(VOL, epoch))
     return local
@@ -159,7 +160,7 @@ def test_a_replica_fenced_higher_is_never_opened(server: ServerProcess) -> None:
     async def go() -> None:
         newer = await connect(server)
         expect_ok(await newer.fence(VOL, 5))
-        local = await LocalReplica.connect("127.0.0.1", server.port, "node-a")
+        local = await LocalReplica.connect("127.0.0.1", server.port, auth("node-a"))
         local.enable_direct(replica_path(server), LocalWriters(server.base / "writers"))
         response = await local.fence(VOL, 4)
         assert response.status is Status.STALE_EPOCH
@@ -173,7 +174,7 @@ def test_a_replica_fenced_higher_is_never_opened(server: ServerProcess) -> None:
 
 def test_without_a_usable_path_it_falls_back_to_the_server(server: ServerProcess) -> None:
     async def go() -> None:
-        local = await LocalReplica.connect("127.0.0.1", server.port, "node-a")
+        local = await LocalReplica.connect("127.0.0.1", server.port, auth("node-a"))
         local.enable_direct(os.fspath(server.base / "no-such-file"),
                             LocalWriters(server.base / "writers"))
         expect_ok(await local.fence(VOL, 1))

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from csi_driver import devcluster
@@ -18,6 +19,7 @@ from csi_driver.client import CsiClient, block_capability
 from csi_driver.config import TOPOLOGY_KEY
 from csi_driver.state.etcd import EtcdStore
 from csi_driver.verify import verify_volume
+from tests.credentials import cluster_auth
 
 pytestmark = [
     pytest.mark.integration,
@@ -98,7 +100,7 @@ def test_dead_replica_is_replaced_rebuilt_and_swept(
         async def verify() -> Any:
             store = EtcdStore([cluster.etcd_host_endpoint], prefix=cluster.etcd_prefix)
             try:
-                return await verify_volume(store, vid)
+                return await verify_volume(store, vid, cluster_auth(cluster.dir))
             finally:
                 await store.close()
 
@@ -113,3 +115,71 @@ def test_dead_replica_is_replaced_rebuilt_and_swept(
     assert orphan.exists()
     devcluster.revive_node(directory, victim)
     wait_for("the orphan sweep on the returning node", lambda: not orphan.exists())
+
+
+def test_last_good_copy_survives_a_long_outage(
+    cluster: devcluster.ClusterSpec, tmp_path: Path
+) -> None:
+    """Issue 10 #3: a 1-replica volume whose node is away past --replace-dead-after. On
+    7f5cc85 the reconciler dropped it from the ISR and replaced it with an empty replica,
+    and the returning node's sweep deleted the only copy. Now nothing is replaced while no
+    in-sync replica is alive; the node returns, keeps its replica and serves the data."""
+    directory = Path(cluster.dir)
+    cap = block_capability()
+    with CsiClient(cluster.controller.csi_endpoint) as ctl:
+        volume = ctl.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
+            name="only-copy", capacity_range=csi_pb2.CapacityRange(required_bytes=16 * MIB),
+            volume_capabilities=[cap], parameters={"replicas": "1"},
+        )).volume
+    vid = volume.volume_id
+    (holder,) = [t.segments[TOPOLOGY_KEY] for t in volume.accessible_topology]
+    payload = os.urandom(MIB)
+    staging, target = tmp_path / "staging", tmp_path / "dev"
+    with CsiClient(cluster.node(holder).csi_endpoint) as node:
+        node.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+            volume_id=vid, staging_target_path=str(staging), volume_capability=cap))
+        node.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+            volume_id=vid, staging_target_path=str(staging), target_path=str(target),
+            volume_capability=cap))
+        fd = os.open(target, os.O_WRONLY)
+        try:
+            os.pwrite(fd, payload, 2 * MIB)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        node.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+            volume_id=vid, target_path=str(target)))
+        node.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+            volume_id=vid, staging_target_path=str(staging)))
+    devcluster.kill_node(directory, holder, "sigkill")
+    time.sleep(8.0)  # lease TTL 2 s + replace grace 2 s + reconcile passes (every 5 s)
+    rec = record_of(cluster, vid)
+    assert rec.replica_nodes() == (holder,) and rec.isr == (holder,), rec
+    devcluster.revive_node(directory, holder)
+    image = Path(cluster.node(holder).pool.dir) / f"{vid}.img"
+    time.sleep(3.0)  # the returning node's start-up sweep has run by now
+    assert image.exists(), "the returning node deleted the last good copy"
+    staging2, target2 = tmp_path / "staging2", tmp_path / "dev2"
+    with CsiClient(cluster.node(holder).csi_endpoint) as node:
+        wait_for("the volume to stage again", lambda: _stages(node, vid, staging2, cap))
+        node.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+            volume_id=vid, staging_target_path=str(staging2), target_path=str(target2),
+            volume_capability=cap))
+        fd = os.open(target2, os.O_RDONLY)
+        try:
+            assert os.pread(fd, MIB, 2 * MIB) == payload
+        finally:
+            os.close(fd)
+        node.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+            volume_id=vid, target_path=str(target2)))
+        node.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+            volume_id=vid, staging_target_path=str(staging2)))
+
+
+def _stages(node: CsiClient, vid: str, staging: Path, cap: csi_pb2.VolumeCapability) -> bool:
+    try:
+        node.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+            volume_id=vid, staging_target_path=str(staging), volume_capability=cap))
+    except grpc.RpcError:
+        return False
+    return True

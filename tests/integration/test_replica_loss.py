@@ -38,6 +38,7 @@ from csi_driver.devcluster.mounts import loop_devices
 from csi_driver.export import export_volume
 from csi_driver.state.etcd import EtcdStore
 from csi_driver.verify import verify_volume
+from tests.credentials import cluster_auth
 
 pytestmark = [
     pytest.mark.integration,
@@ -307,7 +308,7 @@ def test_no_acknowledged_write_is_lost_when_a_replica_dies(
 
     async def verify() -> None:
         async with etcd(cluster) as store:
-            report = await verify_volume(store, volume_id)
+            report = await verify_volume(store, volume_id, cluster_auth(cluster.dir))
         assert report.identical, report
         assert {r.node_id for r in report.replicas if r.reachable} >= set(SURVIVORS), report
 

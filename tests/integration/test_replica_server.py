@@ -36,6 +36,7 @@ from replication.messages import (
 )
 from replication.pool.file import FilePool
 from replication.replica_client import ReplicaClient, expect_ok
+from tests.credentials import auth, write_secret
 
 pytestmark = pytest.mark.integration
 
@@ -49,12 +50,11 @@ _T = TypeVar("_T")
 class ServerProcess:
     """One replica server process over ``base``/pool and ``base``/meta."""
 
-    def __init__(self, base: Path, token_file: Path | None = None,
-                 local_writers: Path | None = None) -> None:
+    def __init__(self, base: Path, local_writers: Path | None = None) -> None:
         self.base = base
         self.local_writers = local_writers
         self.pool = FilePool(base / "pool", 1 << 30)
-        self.token_file = token_file
+        self.secret_file = write_secret(base / "secret")
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.log = base / "server.log"
@@ -64,7 +64,7 @@ class ServerProcess:
         argv += ["--pool-dir", str(self.base / "pool"), "--pool-size", str(1 << 30)]
         argv += ["--meta-dir", str(self.base / "meta"), "--node-id", "node-b"]
         argv += ["--listen", f"127.0.0.1:{self.port}"]  # 0 first, then the same port again
-        argv += ["--token-file", str(self.token_file)] if self.token_file else []
+        argv += ["--secret-file", str(self.secret_file)]
         argv += ["--local-writers-dir", str(self.local_writers)] if self.local_writers else []
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=log)
@@ -112,7 +112,8 @@ def run(coro: Coroutine[Any, Any, _T]) -> _T:
 
 
 async def connect(srv: ServerProcess, timeout: float = 5.0) -> ReplicaClient:
-    return await ReplicaClient.connect("127.0.0.1", srv.port, "node-a", request_timeout_s=timeout)
+    return await ReplicaClient.connect("127.0.0.1", srv.port, auth("node-a"),
+                                       request_timeout_s=timeout)
 
 
 async def fenced(srv: ServerProcess, epoch: int = 1) -> ReplicaClient:
@@ -399,24 +400,19 @@ def test_garbage_closes_only_that_connection(server: ServerProcess) -> None:
     assert server.proc is not None and server.proc.poll() is None
 
 
-def test_a_wrong_token_is_refused(tmp_path: Path) -> None:
-    token = tmp_path / "token"
-    token.write_bytes(b"s3cret\n")
-    srv = ServerProcess(tmp_path, token)
+def test_a_peer_without_the_secret_is_refused(server: ServerProcess) -> None:
+    """Issue 11 #1/#2: with different secrets neither side can prove itself: the client
+    notices first and never sends a proof of its own. The right secret works. (A client
+    that sends a guessed proof anyway: tests/fault/test_hostile_clients.py.)"""
 
     async def body() -> None:
-        with pytest.raises(ReplicaStatusError) as caught:
-            await ReplicaClient.connect("127.0.0.1", srv.port, "node-a", token=b"wrong")
-        assert caught.value.status == Status.AUTH_FAILED
-        client = await ReplicaClient.connect("127.0.0.1", srv.port, "node-a", token=b"s3cret")
+        with pytest.raises(ReplicaUnavailableError, match="failed to authenticate"):
+            await ReplicaClient.connect("127.0.0.1", server.port, auth("node-a", b"w" * 32))
+        client = await connect(server)
         assert client.node_id == "node-b"
         client.close()
 
-    try:
-        srv.start()
-        run(body())
-    finally:
-        srv.kill()
+    run(body())
 
 
 def test_connect_to_nothing_is_unavailable(server: ServerProcess) -> None:
@@ -457,9 +453,7 @@ def test_a_killed_server_fails_pending_requests_at_once(server: ServerProcess) -
 
 def test_a_stopped_server_fails_requests_at_their_deadline(server: ServerProcess) -> None:
     async def body() -> None:
-        client = await ReplicaClient.connect(
-            "127.0.0.1", server.port, "node-a", request_timeout_s=1.0
-        )
+        client = await connect(server, timeout=1.0)
         expect_ok(await client.fence(VOL, 1))
         lost: list[str] = []
         client.on_lost(lost.append)

@@ -36,6 +36,7 @@ from csi_driver.devcluster.mounts import loop_devices, mounts
 from csi_driver.export import ExportHandle, export_volume
 from csi_driver.state.etcd import EtcdStore
 from csi_driver.verify import VerifyReport, verify_volume
+from tests.credentials import cluster_auth
 
 pytestmark = [
     pytest.mark.integration,
@@ -141,7 +142,7 @@ def exported(cluster: Cluster, volume_id: str, node_id: str = "node-1") -> Itera
 async def _verify(spec: devcluster.ClusterSpec, volume_id: str) -> VerifyReport:
     store = EtcdStore([spec.etcd_host_endpoint], prefix=spec.etcd_prefix)
     try:
-        return await verify_volume(store, volume_id)
+        return await verify_volume(store, volume_id, cluster_auth(spec.dir))
     finally:
         await store.close()
 

@@ -35,6 +35,7 @@ from replication.target import (
     ReplicaEndpoint,
     ReplicatedBackend,
 )
+from tests.credentials import auth, write_secret
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +61,8 @@ class Replica:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "replication.replica_server", "--pool-dir",
              str(self.pool_dir), "--pool-size", str(1 << 30), "--meta-dir", str(self.meta_dir),
-             "--listen", f"127.0.0.1:{self.port}", "--node-id", self.node_id],
+             "--listen", f"127.0.0.1:{self.port}", "--node-id", self.node_id,
+             "--secret-file", str(write_secret(self.meta_dir.parent / f"{self.node_id}.secret"))],
         )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -148,7 +150,7 @@ def replicas(tmp_path: Path) -> Iterator[list[Replica]]:
 
 async def connect(endpoint: ReplicaEndpoint) -> ReplicaClient:
     return await ReplicaClient.connect(
-        endpoint.host, endpoint.port, "owner", request_timeout_s=1.5
+        endpoint.host, endpoint.port, auth("owner"), request_timeout_s=1.5
     )
 
 

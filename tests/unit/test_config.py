@@ -41,6 +41,7 @@ def _node(**changes: object) -> cfg.NodeConfig:
         node_id="n1", csi_socket=Path("/s"), agent_listen=("h", 1), replica_listen=("h", 2),
         etcd=cfg.EtcdConfig(("h:1",)), pool_kind="file", pool_dir=Path("/p"),
         pool_size=1 << 30, lvm_vg=None, lvm_thin_pool=None, state_dir=Path("/st"),
+        cluster_secret_file=Path("/secret"), agent_public_key_file=Path("/pub"),
     )
     base.update(changes)
     return cfg.NodeConfig(**base)  # type: ignore[arg-type]

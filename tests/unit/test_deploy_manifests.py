@@ -436,6 +436,10 @@ def _fake_server(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     server.run_node = started.append  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "csi_driver.server", server)
     monkeypatch.setattr(cli, "_run", lambda coro: None)
+    # The Secret's file exists only in a pod: the path is checked, not read.
+    monkeypatch.setattr(cli, "load_secret", lambda path: started.append(str(path)))
+    monkeypatch.setattr(cli, "load_public_keys", lambda path: started.append(str(path)))
+    monkeypatch.setattr(cli, "load_signer", lambda path: started.append(str(path)))
     return started
 
 
@@ -460,12 +464,13 @@ def test_controller_deployment(
     ]
     tandem = _container(pod, "tandem")
     argv = _argv(tandem)
-    assert argv[:10] == [
+    assert argv[:12] == [
         "tandem", "controller", "--csi-endpoint", "unix:///csi/csi.sock",
-        "--etcd-endpoints", "$(ETCD_ENDPOINTS)", "--default-replicas", "3",
-        "--replace-dead-after", "300",
+        "--etcd-endpoints", "$(ETCD_ENDPOINTS)",
+        "--agent-key-file", "/etc/tandem/controller-credentials/agent.key",
+        "--default-replicas", "3", "--replace-dead-after", "300",
     ]
-    responder = argv[10:]
+    responder = argv[12:]
     if RESPONDER in TARGETS[target][1]:
         assert responder == ["--node-down-responder", "taint", "--node-down-grace", "30"]
     else:
@@ -473,16 +478,20 @@ def test_controller_deployment(
     for c in pod["containers"]:
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
         assert mounts.get("/csi") == "socket-dir", f"{c['name']} does not share the socket"
+    (creds,) = [v for v in pod["volumes"] if v["name"] == "controller-credentials"]
+    assert creds["secret"] == {"secretName": "tandem-controller-credentials",
+                               "defaultMode": 0o400}
     # The real CLI accepts the flags (the responder's once the CLI has them).
     if "--node-down-responder" not in _controller_options():
-        argv = argv[:10]
+        argv = argv[:12]
     started = _fake_server(monkeypatch)
     args = cli.build_parser().parse_args([_expand(a, _env(docs, tandem)) for a in argv[1:]])
     assert args.func(args) == 0
-    (config,) = started
+    key_path, config = started
+    assert key_path == "/etc/tandem/controller-credentials/agent.key"
     assert config.default_replicas == 3
     assert config.replace_after_s == 300
-    if len(argv) > 10:
+    if len(argv) > 12:
         assert (config.node_down_mode, config.node_down_grace_s) == ("taint", 30)
 
 
@@ -523,11 +532,18 @@ def test_node_daemonset_is_privileged_on_the_host_network(
     ]
     tandem = _container(pod, "tandem")
     assert tandem["securityContext"]["privileged"] is True
-    assert _argv(tandem)[:14] == [
+    assert _argv(tandem)[:18] == [
         "tandem", "node", "--node-id", "$(NODE_NAME)", "--csi-endpoint", "unix:///csi/csi.sock",
         "--agent-listen", "$(POD_IP):7001", "--replica-listen", "$(POD_IP):7002",
         "--etcd-endpoints", "$(ETCD_ENDPOINTS)", "--state-dir", "/var/lib/tandem",
+        "--cluster-secret-file", "/etc/tandem/credentials/cluster-secret",
+        "--agent-public-key-file", "/etc/tandem/credentials/agent.pub",
     ]
+    (creds,) = [v for v in pod["volumes"] if v["name"] == "credentials"]
+    assert creds["secret"] == {"secretName": "tandem-credentials", "defaultMode": 0o400}
+    (mount,) = [m for m in tandem["volumeMounts"] if m["name"] == "credentials"]
+    assert mount == {"name": "credentials", "mountPath": "/etc/tandem/credentials",
+                     "readOnly": True}
     assert tandem["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
     assert tandem["readinessProbe"]["tcpSocket"] == {"port": "agent"}
     for c in pod["containers"]:
@@ -539,7 +555,7 @@ def test_node_daemonset_is_privileged_on_the_host_network(
 @pytest.mark.parametrize("target", TARGETS)
 def test_node_mounts(rendered: dict[str, list[Doc]], target: str) -> None:
     pod = _pod_spec(rendered[target], "DaemonSet", "tandem-node")
-    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
     tandem = _container(pod, "tandem")
     by_container = {m["mountPath"]: m for m in tandem["volumeMounts"]}
     kubelet = by_container["/var/lib/kubelet"]
@@ -566,7 +582,7 @@ def test_overlay_pool(
     assert tandem["args"][-len(POOL_ARGS[overlay]):] == POOL_ARGS[overlay]
     base_pod = _pod_spec(rendered["base"], "DaemonSet", "tandem-node")
     base_mounts = {m["mountPath"] for m in _container(base_pod, "tandem")["volumeMounts"]}
-    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
     extra = {m["mountPath"]: host_paths[m["name"]] for m in tandem["volumeMounts"]
              if m["mountPath"] not in base_mounts}
     assert extra == POOL_HOST_PATHS[overlay]
@@ -575,7 +591,9 @@ def test_overlay_pool(
     env = _env(docs, tandem, **{"spec.nodeName": "node-a", "status.podIP": "10.0.0.1"})
     args = cli.build_parser().parse_args([_expand(a, env) for a in _argv(tandem)[1:]])
     assert args.func(args) == 0
-    (config,) = started
+    secret_path, public_key_path, config = started
+    assert secret_path == "/etc/tandem/credentials/cluster-secret"
+    assert public_key_path == "/etc/tandem/credentials/agent.pub"
     if overlay == "lvm":
         assert (config.pool_kind, config.lvm_vg) == ("lvm", "tandem")
     else:

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from csi_driver import cli
 from csi_driver import config as cfg
 from csi_driver import node_down as nd
+from csi_driver.credentials import write_credentials
 from csi_driver.node_down import (
     ApplyTaint,
     DeletePods,
@@ -679,21 +680,26 @@ def _check(state: State) -> None:
 
 # -- flags ------------------------------------------------------------------------------------
 
-BASE = ["controller", "--csi-endpoint", "unix:///tmp/tandem-nd-test.sock",
-        "--etcd-endpoints", "http://127.0.0.1:1"]
+@pytest.fixture
+def base(tmp_path: Path) -> list[str]:
+    """The controller's required flags, with a real agent key (checked before serving)."""
+    write_credentials(tmp_path / "credentials")
+    return ["controller", "--csi-endpoint", "unix:///tmp/tandem-nd-test.sock",
+            "--etcd-endpoints", "http://127.0.0.1:1",
+            "--agent-key-file", str(tmp_path / "credentials" / "agent.key")]
 
 
-def test_flags_default_off() -> None:
-    args = cli.build_parser().parse_args(BASE)
+def test_flags_default_off(base: list[str]) -> None:
+    args = cli.build_parser().parse_args(base)
     assert args.node_down_responder == "off"
     assert args.node_down_grace == 30.0 == cfg.DEFAULT_NODE_DOWN_GRACE_S
     assert args.node_down_max_fraction == 0.5
     assert args.kubeconfig is None
 
 
-def test_flags_parse() -> None:
+def test_flags_parse(base: list[str]) -> None:
     args = cli.build_parser().parse_args(
-        [*BASE, "--node-down-responder", "delete-pods", "--node-down-grace", "45",
+        [*base, "--node-down-responder", "delete-pods", "--node-down-grace", "45",
          "--node-down-max-fraction", "0.3", "--kubeconfig", "/k/config"])
     assert (args.node_down_responder, args.node_down_grace, args.node_down_max_fraction,
             args.kubeconfig) == ("delete-pods", 45.0, 0.3, "/k/config")
@@ -702,9 +708,10 @@ def test_flags_parse() -> None:
 @pytest.mark.parametrize("extra", [["--node-down-responder", "evict"],
                                    ["--node-down-grace", "soon"],
                                    ["--node-down-max-fraction", "half"]])
-def test_bad_flags_exit_2(extra: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_flags_exit_2(extra: list[str], capsys: pytest.CaptureFixture[str],
+                         base: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
-        cli.main([*BASE, *extra])
+        cli.main([*base, *extra])
     assert exc.value.code == 2
     assert extra[0] in capsys.readouterr().err
 
@@ -713,8 +720,9 @@ def test_bad_flags_exit_2(extra: list[str], capsys: pytest.CaptureFixture[str]) 
                                    ["--node-down-grace", "nan"],
                                    ["--node-down-max-fraction", "0"],
                                    ["--node-down-max-fraction", "1.01"]])
-def test_bad_values_exit_2(extra: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main([*BASE, "--node-down-responder", "taint", *extra]) == 2
+def test_bad_values_exit_2(extra: list[str], capsys: pytest.CaptureFixture[str],
+                          base: list[str]) -> None:
+    assert cli.main([*base, "--node-down-responder", "taint", *extra]) == 2
     assert extra[0] in capsys.readouterr().err
 
 
@@ -722,14 +730,14 @@ def test_config_rejects_unknown_mode() -> None:
     with pytest.raises(cfg.ConfigError, match="--node-down-responder"):
         cfg.ControllerConfig(csi_socket=Path("/x.sock"),
                              etcd=cfg.EtcdConfig(("http://127.0.0.1:1",)),
-                             node_down_mode="taints")
+                             agent_key_file=Path("/agent.key"), node_down_mode="taints")
 
 
 def test_missing_kubernetes_package_exits_2(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], base: list[str]
 ) -> None:
     """Enabled without the package: a clear message and exit 2, before anything is served."""
     monkeypatch.setitem(__import__("sys").modules, "kubernetes", None)
-    assert cli.main([*BASE, "--node-down-responder", "taint"]) == 2
+    assert cli.main([*base, "--node-down-responder", "taint"]) == 2
     err = capsys.readouterr().err
     assert "kubernetes" in err and "pip install" in err

@@ -18,7 +18,7 @@ from replication.messages import (
     Role,
     Status,
 )
-from replication.peer_auth import PeerAuth, SecretError, load_secret
+from replication.peer_auth import PeerAuth, SecretError, generate_secret, load_secret
 from replication.protocol import Connection, State
 from tests.unit.test_protocol import raw_frame
 
@@ -147,7 +147,7 @@ def test_secret_file_rules(tmp_path: Path) -> None:
     good = tmp_path / "secret"
     good.write_bytes(os.urandom(16).hex().encode() * 2)
     good.chmod(0o600)
-    assert len(load_secret(good)) == 64
+    assert [len(k) for k in load_secret(good)] == [64]
     good.chmod(0o644)
     with pytest.raises(SecretError, match="group or others"):
         load_secret(good)
@@ -158,3 +158,33 @@ def test_secret_file_rules(tmp_path: Path) -> None:
         load_secret(short)
     with pytest.raises(SecretError):
         load_secret(tmp_path / "missing")
+
+
+def test_rotation_old_and_new_secrets_understand_each_other() -> None:
+    """Rotation without downtime, in its three steps (docs/security.md): the new secret
+    added second, then moved first, then the old one dropped; nodes one step apart accept
+    each other both ways. A node still holding only the old one is refused at the end."""
+    old, new = b"o" * 32, b"n" * 32
+    steps = [[old], [old, new], [new, old], [new]]
+    pairs = [(a, b) for i in range(3) for a, b in [(steps[i], steps[i + 1]),
+                                                     (steps[i + 1], steps[i])]]
+    for a, b in pairs:
+        client = Connection(Role.CLIENT, auth=PeerAuth(a, "node-a"))
+        server = Connection(Role.SERVER, auth=PeerAuth(b, "node-b"))
+        handshake(client, server)
+        assert client.state is State.READY and server.state is State.READY
+    client = Connection(Role.CLIENT, auth=PeerAuth([old], "node-a"))
+    server = Connection(Role.SERVER, auth=PeerAuth([new], "node-b"))
+    events = hello(client, server)
+    assert isinstance(events[0], ProtocolErrorEvent)
+
+
+def test_secret_file_holds_one_secret_per_line(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    path.write_bytes(b"\n".join([generate_secret(), generate_secret(), b""]))
+    path.chmod(0o600)
+    first, second = load_secret(path)
+    assert first != second and len(first) == 96
+    path.write_bytes(b"\n\n")
+    with pytest.raises(SecretError, match="empty"):
+        load_secret(path)

@@ -16,6 +16,7 @@ import pytest
 
 from replication.messages import (
     MAX_BATCH_WRITES,
+    MAX_EPOCH,
     ChecksumAlgo,
     ChecksumSpec,
     Event,
@@ -33,6 +34,7 @@ from replication.messages import (
     block_digests,
     write_batch_entries,
 )
+from replication.peer_auth import PeerAuth
 from replication.protocol import Connection, State
 
 VID = "pvc-1"
@@ -293,22 +295,28 @@ def test_hello_required_first() -> None:
     assert_protocol_error(server, events, "not allowed")
 
 
-def _raises(token: bytes) -> bool:
-    raise ValueError("not a token")
-
-
-@pytest.mark.parametrize("hook", [lambda token: token == b"good", _raises])
-def test_authentication_failure_replies_then_closes(hook: Callable[[bytes], bool]) -> None:
+@pytest.mark.parametrize("token", [b"", b"bad", b"n" * 31])
+def test_stranger_hello_gets_auth_failed_then_close(token: bytes) -> None:
     client = Connection(Role.CLIENT)
-    server = Connection(Role.SERVER, authenticate=hook)
-    hello = Request(Op.HELLO, 1, payload=Hello("a", b"bad").encode())
+    server = Connection(Role.SERVER, auth=PeerAuth(b"k" * 32, "node-b"))
+    hello = Request(Op.HELLO, 1, payload=Hello("a", token).encode())
     events = server.receive_data(client.send(hello))
-    assert_protocol_error(server, events, "authentication failed")
+    assert_protocol_error(server, events, "authentication required")
     err = events[-1]
     assert isinstance(err, ProtocolErrorEvent)
     (reply,) = client.receive_data(err.reply)
     assert isinstance(reply, Response) and reply.status is Status.AUTH_FAILED
     assert client.state is State.CLOSED
+
+
+def test_epoch_beyond_any_issued_is_a_protocol_error() -> None:
+    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    server.receive_data(client.send(Request(Op.HELLO, 1, payload=HELLO_A)))
+    client.receive_data(server.send(Response(Op.HELLO, 1, Status.OK, payload=HELLO_A)))
+    ok = server.receive_data(client.send(Request(Op.FENCE, 2, "vol-1", MAX_EPOCH)))
+    assert [type(e) for e in ok] == [Request]
+    events = server.receive_data(client.send(Request(Op.FENCE, 3, "vol-1", MAX_EPOCH + 1)))
+    assert_protocol_error(server, events, "beyond any the state store issues")
 
 
 def test_server_rejecting_hello_closes_both() -> None:

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from replication.messages import (
+    MAX_EPOCH,
     ChecksumAlgo,
     ChecksumSpec,
     Event,
@@ -36,6 +37,7 @@ ID_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-"
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 u64 = st.integers(0, U64)
+epochs = st.integers(0, MAX_EPOCH)  # above it a request is a protocol error (test_protocol)
 vids = st.text(ID_CHARS, min_size=1, max_size=128)
 batch_writes = st.binary(min_size=1, max_size=700).flatmap(
     lambda data: st.tuples(st.integers(0, U64 + 1 - len(data)), st.just(data))
@@ -57,7 +59,7 @@ def handshake(checksums: bool = True) -> tuple[Connection, Connection]:
 @st.composite
 def requests(draw: st.DrawFn, rid: int) -> Request:
     op = draw(st.sampled_from([op for op in Op if op not in (Op.HELLO, Op.AUTH)]))
-    vid, epoch = draw(vids), draw(u64)
+    vid, epoch = draw(vids), draw(epochs)
     if op in (Op.FLUSH, Op.FENCE, Op.STAT):
         return Request(op, rid, vid, epoch)
     if op is Op.SETTLE:

@@ -26,7 +26,8 @@ def _config(tmp_path: Path) -> NodeConfig:
         node_id="node-1", csi_socket=tmp_path / "csi.sock", agent_listen=("127.0.0.1", 1),
         replica_listen=("127.0.0.1", 2), etcd=EtcdConfig(("http://127.0.0.1:1",), "/t/"),
         pool_kind="file", pool_dir=tmp_path / "pool", pool_size=1 << 20, lvm_vg=None,
-        lvm_thin_pool=None, state_dir=tmp_path / "state",
+        lvm_thin_pool=None, state_dir=tmp_path / "state", cluster_secret_file=tmp_path / "s",
+        agent_public_key_file=tmp_path / "p",
     )
 
 
@@ -128,7 +129,7 @@ def test_child_exiting_without_a_word_reports_its_last_log_line(tmp_path: Path) 
 
 def test_the_claim_lease_is_handed_to_the_target(tmp_path: Path) -> None:
     """The node took the claim (epoch CAS + claim in one txn); the target keeps its lease."""
-    argv = targets.TargetProcesses(_config(tmp_path))._argv("vol-a", LEASE)
+    argv = asyncio.run(targets.TargetProcesses(_config(tmp_path))._argv("vol-a", LEASE))
     assert argv[argv.index("--owner-lease") + 1] == "0x1234"
     assert argv[argv.index("--lease-ttl") + 1] == "2"
     assert float(argv[argv.index("--lease-granted-at") + 1]) == 100.0

@@ -1,0 +1,31 @@
+"""Credentials for tests: a cluster secret per test run, and PeerAuth for any node id.
+
+The replication data plane refuses anonymous peers, so every test client and server
+authenticates like a real node does: with a secret file of mode 0600.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from csi_driver.devcluster import cluster_secret_path
+from replication.peer_auth import PeerAuth, load_secret
+
+SECRET = os.urandom(32).hex().encode()  # this test run's cluster secret
+
+
+def auth(node_id: str, secret: bytes = SECRET) -> PeerAuth:
+    return PeerAuth(secret, node_id)
+
+
+def write_secret(path: Path, secret: bytes = SECRET) -> Path:
+    """``secret`` in ``path`` (mode 0600), as a replica server's --secret-file."""
+    path.write_bytes(secret + b"\n")
+    path.chmod(0o600)
+    return path
+
+
+def cluster_auth(cluster_dir: str | Path, node_id: str = "tandem-verify") -> PeerAuth:
+    """Credentials of a dev cluster (its up() made the secret)."""
+    return PeerAuth(load_secret(cluster_secret_path(Path(cluster_dir))), node_id)
