@@ -31,6 +31,7 @@ from csi_driver import errors
 from csi_driver.loop import LoopAttacher
 from csi_driver.mount import flush_buffers, mounts_at
 from csi_driver.validation import check_volume_id
+from replication.atomic_file import write_atomic
 from replication.command import CommandError, CommandNotFound, run_async
 
 log = logging.getLogger(__name__)
@@ -115,12 +116,8 @@ def parse_proc_stat(text: str) -> tuple[str, int]:
 
 
 def save_attachment(path: Path, attachment: Attachment) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as out:
-        json.dump(asdict(attachment), out, sort_keys=True)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)  # a crash leaves the old state or the new one, never half of one
+    # A crash leaves the old state or the new one, never half of one.
+    write_atomic(path, json.dumps(asdict(attachment), sort_keys=True).encode())
 
 
 def load_attachment(path: Path) -> Attachment | None:
@@ -258,6 +255,10 @@ class FuseLoopAttacher(NbdAttacher):
     async def _teardown(self, vdir: Path, attachment: Attachment | None) -> None:
         detail = attachment.detail if attachment else {}
         device = await self._loop.find(str(vdir / FUSE_FILE))  # by file: names get reused
+        if device is None and attachment is not None and attachment.device:
+            # Its nbdfuse died and the FUSE mount went (a killed node): losetup no longer
+            # finds the loop device by path, only as "/nbd". The one we recorded is ours.
+            device = await self._loop.find_orphan(attachment.device, f"/{FUSE_FILE.name}")
         if device:
             server = attachment.export_socket if attachment and self._alive(detail) else None
             await _flush_idle_device(device, server)

@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from csi_driver import devcluster
 from csi_driver import failover_io as fio
@@ -48,8 +48,10 @@ from csi_driver.failover_csi import (
     take_over,
     unpublish_unstage,
 )
+from csi_driver.fault_modes import FAULT_MODES, run_fault_trial
 from csi_driver.state.etcd import EtcdStore
 
+ALL_MODES = ("sigkill", "link-down", *FAULT_MODES)
 WRITE_BLOCKS = 4096  # the writers' region (16 MiB): small enough that blocks get overwritten
 POOL_BYTES = 2 << 30
 SETTLE_TIMEOUT_S = 15.0
@@ -76,12 +78,24 @@ class TrialResult:
     violations: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # retried refusals outside the takeover
+    fault: str = ""  # fault modes: what was done
+    heal_s: float | None = None  # fault modes: end of the fault -> healed (fault_modes.py)
+
+    @property
+    def unrecoverable(self) -> bool:
+        """The volume could not be written (or checked) again after the fault."""
+        return self.lost_acks is None
 
     @property
     def ok(self) -> bool:
         return not self.errors and not self.violations and self.lost_acks == 0
 
     def line(self) -> str:
+        if self.fault or self.heal_s is not None:
+            text = (f"trial {self.trial:4d} {self.mode:12} {self.fault:32} heal "
+                    f"{_secs(self.heal_s)} acked {self.acked_before_kill:5d} "
+                    f"lost {self.lost_acks} violations {len(self.violations)}")
+            return text + ("" if not self.errors else f"  ERROR {self.errors[0]}")
         text = (f"trial {self.trial:3d} {self.mode:9} {self.owner}->{self.survivor} "
                 f"kill@{self.kill_after_s:.2f}s stage {_secs(self.kill_to_stage_s)} "
                 f"first-ack {_secs(self.kill_to_first_ack_s)} tries {self.stage_attempts:3d} "
@@ -207,12 +221,19 @@ def _cleanup(
         # The revived node still has the dead attachment's state: unstage clears it.
         _best_effort(result, "unstage on the old owner", unpublish_unstage,
                      clients[result.owner], vid, work / "old-staging", work / "old-pod" / "dev")
-        try:
-            result.notes += [f"DeleteVolume retried after {r}" for r in delete_volume(ctl, vid)]
-        except Exception as exc:
-            result.errors.append(f"delete: {describe(exc)}")
+    cleanup_volume(result, ctl)
     for client in (*clients.values(), ctl):
         client.close()
+
+
+def cleanup_volume(result: TrialResult, ctl: CsiClient) -> None:
+    if not result.volume_id:
+        return
+    try:
+        result.notes += [f"DeleteVolume retried after {r}"
+                         for r in delete_volume(ctl, result.volume_id)]
+    except Exception as exc:
+        result.errors.append(f"delete: {describe(exc)}")
 
 
 def _running_nodes(spec: devcluster.ClusterSpec) -> set[str]:
@@ -239,17 +260,30 @@ def _distribution(values: Sequence[float]) -> dict[str, float | None]:
 def summarize(results: Sequence[TrialResult], lease_ttl_s: float) -> dict[str, Any]:
     acks = [r.kill_to_first_ack_s for r in results if r.kill_to_first_ack_s is not None]
     stages = [r.kill_to_stage_s for r in results if r.kill_to_stage_s is not None]
+    modes = sorted({r.mode for r in results})
     return {
         "trials": len(results),
-        "mode": results[0].mode if results else None,
+        "mode": modes[0] if len(modes) == 1 else "mix",
         "lease_ttl_s": lease_ttl_s,
         "succeeded": sum(1 for r in results if r.ok),
         "kill_to_first_ack_s": _distribution(acks),
         "kill_to_stage_s": _distribution(stages),
         "acked_writes_lost": sum(r.lost_acks or 0 for r in results),
         "violations": sum(len(r.violations) for r in results),
+        "unrecoverable": sum(1 for r in results if r.unrecoverable),
         "failed_trials": [r.trial for r in results if not r.ok],
+        "by_mode": {m: _mode_summary([r for r in results if r.mode == m]) for m in modes},
     }
+
+
+def _mode_summary(results: Sequence[TrialResult]) -> dict[str, Any]:
+    heals = [h for r in results
+             if (h := r.heal_s if r.heal_s is not None else r.kill_to_first_ack_s) is not None]
+    return {"trials": len(results), "clean": sum(1 for r in results if r.ok),
+            "acked_writes_lost": sum(r.lost_acks or 0 for r in results),
+            "violations": sum(len(r.violations) for r in results),
+            "unrecoverable": sum(1 for r in results if r.unrecoverable),
+            "heal_s": _distribution(heals)}
 
 
 def _secs(v: float | None) -> str:
@@ -262,10 +296,17 @@ def _print_summary(summary: dict[str, Any]) -> None:
     for key, what in (("kill_to_first_ack_s", "first acknowledged write"),
                       ("kill_to_stage_s", "NodeStageVolume done")):
         t = summary[key]
-        print(f"kill -> {what}: p50 {_secs(t['p50'])} p90 {_secs(t['p90'])} "
-              f"p99 {_secs(t['p99'])} max {_secs(t['max'])}")
+        if t["p50"] is not None:  # only kill trials have these
+            print(f"kill -> {what}: p50 {_secs(t['p50'])} p90 {_secs(t['p90'])} "
+                  f"p99 {_secs(t['p99'])} max {_secs(t['max'])}")
     print(f"acknowledged writes lost: {summary['acked_writes_lost']}   "
-          f"violations: {summary['violations']}")
+          f"violations: {summary['violations']}   unrecoverable: {summary['unrecoverable']}")
+    for mode, m in summary["by_mode"].items():
+        h = m["heal_s"]
+        print(f"  {mode:12} {m['trials']:5d} trials {m['clean']:5d} clean  lost "
+              f"{m['acked_writes_lost']}  violations {m['violations']}  unrecoverable "
+              f"{m['unrecoverable']}  heal p50 {_secs(h['p50'])} p90 {_secs(h['p90'])} "
+              f"max {_secs(h['max'])}")
 
 
 # -- entry point ----------------------------------------------------------------------------
@@ -295,7 +336,7 @@ def _cluster(directory: Path, lease_ttl_s: float | None) -> Iterator[devcluster.
 
 
 def run(
-    directory: Path, trials: int, mode: devcluster.KillMode, lease_ttl_s: float | None,
+    directory: Path, trials: int, mode: str, lease_ttl_s: float | None,
     seed: int | None,
 ) -> tuple[list[TrialResult], dict[str, Any]]:
     rng = random.Random(seed)
@@ -305,11 +346,20 @@ def run(
               f"{spec.lease_ttl_s:g} s, cluster {spec.dir}", flush=True)
         for trial in range(1, trials + 1):
             work = Path(spec.dir) / "bench-work" / f"trial-{trial}-{uuid.uuid4().hex[:6]}"
-            result = run_trial(spec, trial, mode, rng, work)
+            result = _one_trial(spec, trial, mode, rng, work)
             results.append(result)
             print(result.line(), flush=True)
         summary = summarize(results, spec.lease_ttl_s)
     return results, summary
+
+
+def _one_trial(spec: devcluster.ClusterSpec, trial: int, mode: str, rng: random.Random,
+               work: Path) -> TrialResult:
+    if mode == "mix":
+        mode = rng.choice(ALL_MODES)
+    if mode in FAULT_MODES:
+        return run_fault_trial(spec, trial, mode, rng, work)
+    return run_trial(spec, trial, cast(devcluster.KillMode, mode), rng, work)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,7 +372,10 @@ def main(argv: list[str] | None = None) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", required=True, help="dev cluster directory (reused if up)")
     parser.add_argument("--trials", type=int, default=10)
-    parser.add_argument("--mode", choices=["sigkill", "link-down"], default="sigkill")
+    parser.add_argument("--mode", choices=[*ALL_MODES, "mix"], default="sigkill",
+                        help="kill the owner (sigkill, link-down), or a fault healed while "
+                        "the volume is in use (csi_driver/fault_modes.py); mix: each trial "
+                        "draws one")
     parser.add_argument("--json", help="write per-trial results and the summary here")
     parser.add_argument("--lease-ttl", type=float, default=None,
                         help="lease TTL of a cluster started here "

@@ -33,6 +33,12 @@ class LoopAttacher:
         result = await run_async(["losetup", "-l", "-J", "-O", "NAME,BACK-FILE"], timeout=30)
         return find_loop_device(result.stdout, backing_file)
 
+    async def find_orphan(self, device: str, dead_name: str) -> str | None:
+        """``device`` if it is still attached over a file whose FUSE mount is gone (losetup
+        then shows the file as ``dead_name``, e.g. "/nbd"), else None."""
+        result = await run_async(["losetup", "-l", "-J", "-O", "NAME,BACK-FILE"], timeout=30)
+        return device if find_loop_device(result.stdout, dead_name) == device else None
+
     async def attach(self, backing_file: str) -> str:
         existing = await self.find(backing_file)
         if existing:

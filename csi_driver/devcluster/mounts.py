@@ -51,17 +51,37 @@ def _below(path: str, directory: Path) -> bool:
     return path.startswith(str(directory).rstrip("/") + "/")
 
 
-def loop_devices(directory: Path) -> list[str]:
-    """Loop devices whose backing file lives below directory."""
+def loop_backing_files() -> dict[str, str]:
+    """Every loop device and its backing file as losetup shows it."""
     out = run(["losetup", "-J", "-l"]).strip()
     if not out:
-        return []
+        return {}
+    return {str(dev["name"]): str(dev.get("back-file") or "")
+            for dev in json.loads(out).get("loopdevices", [])}
+
+
+def loop_devices(directory: Path) -> list[str]:
+    """Loop devices whose backing file lives below directory, and those a node of it
+    recorded in an attach state whose FUSE file is gone (losetup shows it as "/nbd")."""
+    recorded = _recorded_loops(directory)
     devices = []
-    for dev in json.loads(out).get("loopdevices", []):
-        backing = str(dev.get("back-file") or "").removesuffix(" (deleted)")
-        if _below(backing, directory):
-            devices.append(str(dev["name"]))
+    for name, back in loop_backing_files().items():
+        backing = back.removesuffix(" (deleted)")
+        if _below(backing, directory) or (name in recorded and backing == "/nbd"):
+            devices.append(name)
     return devices
+
+
+def _recorded_loops(directory: Path) -> set[str]:
+    found = set()
+    for state in directory.glob("state/*/attach/*/attach.json"):
+        try:
+            device = json.loads(state.read_text()).get("device")
+        except (OSError, ValueError):
+            continue
+        if isinstance(device, str) and device.startswith("/dev/loop"):
+            found.add(device)
+    return found
 
 
 def _targets(directory: Path, loops: list[str]) -> list[str]:

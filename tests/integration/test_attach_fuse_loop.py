@@ -250,6 +250,30 @@ def test_a_crashed_nbdfuse_is_replaced_and_detached(served: Served) -> None:
     asyncio.run(scenario())
 
 
+def test_a_loop_device_over_a_vanished_fuse_mount_is_detached(served: Served) -> None:
+    """Issue 10 #11: the node was killed with its nbdfuse, and the dead FUSE mount went
+    (lazily unmounted): losetup then shows the loop's file as "/nbd" and no longer finds
+    it by path. The detach must still release the device it recorded."""
+    attacher = FuseLoopAttacher()
+
+    async def scenario() -> None:
+        att = await attacher.attach(str(served.socket), "vol-vanish", served.work)
+        fuse_dir = served.work.resolve() / "vol-vanish" / "fuse"
+        os.kill(int(att.detail["nbdfuse_pid"]), signal.SIGKILL)
+        await run_async(["umount", "-l", str(fuse_dir)], check=False)
+        listing = (await run_async(["losetup", "-l", "-J", "-O", "NAME,BACK-FILE"])).stdout
+        backing = {d["name"]: d["back-file"] for d in json.loads(listing)["loopdevices"]}
+        assert backing[att.device] == "/nbd", backing  # the state issue 10 #11 left behind
+        await attacher.detach(att)
+        after = (await run_async(["losetup", "-l", "-J", "-O", "NAME,BACK-FILE"])).stdout
+        if att.device in after:
+            await run_async(["losetup", "-d", att.device], check=False)  # not for the next test
+            raise AssertionError(f"loop device left over a dead FUSE file: {after}")
+        await _assert_nothing_left(served.work, "vol-vanish", int(att.detail["nbdfuse_pid"]))
+
+    asyncio.run(scenario())
+
+
 def test_detach_after_the_server_is_gone(
     served: Served, caplog: pytest.LogCaptureFixture
 ) -> None:

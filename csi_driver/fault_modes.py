@@ -1,0 +1,302 @@
+"""Fault modes of ``tandem bench failover`` beyond killing the owner (issue 10).
+
+Each trial, like a kill trial: a fresh 3-replica volume is staged and published on one node
+and writer threads write checksummed, sequence-numbered blocks through it; 0.5-2 s in, one
+fault is injected, held for a random while, and healed:
+
+- ``replica-stop``: SIGSTOP every process of a replica node that is not the owner (a node
+  stalled by a hung disk or swapping), then SIGCONT;
+- ``partition``: cut such a node off from its peers (nft drop; processes alive), then heal;
+- ``etcd-outage``: stop etcd (the owner holds I/O instead of failing it), then start it;
+- ``enospc``: the pools' filesystems fill up (small tmpfs mounts over the pool directories
+  and a filler file): on one replica node, or on all three at once (then the owner fences
+  itself and fails writes), then space is freed.
+
+Then the trial proves what every mode must: no acknowledged write lost (``crashcheck``),
+every in-sync replica equal to what the owner serves (``settle``), and the volume
+recoverable (written again, restaged if the fault fenced its owner); a volume that cannot
+be is counted ``unrecoverable``. Time to heal, from the end of the fault: ``replica-stop``
+and ``partition`` until the ISR holds all three replicas again; ``etcd-outage`` until the
+writers' next acknowledged write (same device, no restage); ``enospc`` until the next
+acknowledged write (after a restage when all replicas were full) and the ISR is whole.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from csi_driver import devcluster
+from csi_driver import failover_io as fio
+from csi_driver.client import CsiClient
+from csi_driver.crashcheck import BLOCK_SIZE, WriterLog, check
+from csi_driver.failover_csi import (
+    create_block_volume,
+    describe,
+    publish,
+    stage,
+    take_over,
+    unpublish_unstage,
+)
+
+if TYPE_CHECKING:
+    from csi_driver.failover_bench import TrialResult
+
+FAULT_MODES = ("replica-stop", "partition", "etcd-outage", "enospc")
+HEAL_TIMEOUT_S = 90.0
+WRITE_BLOCKS = 4096
+_TMPFS_BYTES = 24 << 20  # a pool filesystem that the writers' 16 MiB region can fill
+
+
+@dataclass
+class Trial:
+    """What a fault needs to act and what it reports back."""
+
+    spec: devcluster.ClusterSpec
+    volume_id: str
+    owner: str
+    replicas: tuple[str, ...]
+    rng: random.Random
+    work: Path
+    clients: dict[str, CsiClient]
+    log: WriterLog
+    device: Path
+    writer: fio.BlockWriter | None = None
+    fault: str = ""  # a word on what was done (which node, how long)
+    heal_s: float | None = None
+    restaged: bool = False  # the owner fenced itself: the volume was staged again
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.spec.dir)
+
+    def other_replica(self) -> str:
+        return self.rng.choice([n for n in self.replicas if n != self.owner])
+
+
+def isr_of(spec: devcluster.ClusterSpec, volume_id: str) -> tuple[str, ...]:
+    from csi_driver.failover_bench import _volume_isr
+
+    return _volume_isr(spec, volume_id)
+
+
+def _wait_isr_whole(t: Trial, since: float) -> float:
+    deadline = time.monotonic() + HEAL_TIMEOUT_S
+    while set(isr_of(t.spec, t.volume_id)) != set(t.replicas):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the ISR was not whole {HEAL_TIMEOUT_S:g} s after the fault")
+        time.sleep(0.1)
+    return time.monotonic() - since
+
+
+def _wait_new_ack(t: Trial, since: float, timeout_s: float = HEAL_TIMEOUT_S) -> float:
+    """Seconds from ``since`` until the writers' first write acknowledged after it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done = [w.completed for w in t.log.acked()
+                if w.completed is not None and w.completed > since]
+        if done:
+            return min(done) - since
+        time.sleep(0.05)
+    raise TimeoutError(f"no write acknowledged within {timeout_s:g} s after the fault")
+
+
+def _replica_stop(t: Trial) -> None:
+    victim, hold = t.other_replica(), t.rng.uniform(2.0, 10.0)
+    t.fault = f"{victim} stopped {hold:.1f}s"
+    devcluster.pause_node(t.dir, victim)
+    try:
+        time.sleep(hold)
+    finally:
+        devcluster.pause_node(t.dir, victim, resume=True)
+    t.heal_s = _wait_isr_whole(t, time.monotonic())
+
+
+def _partition(t: Trial) -> None:
+    victim, hold = t.other_replica(), t.rng.uniform(2.0, 10.0)
+    t.fault = f"{victim} cut off {hold:.1f}s"
+    devcluster.partition_node(t.dir, victim, from_etcd=False, from_peers=True)
+    try:
+        time.sleep(hold)
+    finally:
+        devcluster.heal_node(t.dir, victim)
+    t.heal_s = _wait_isr_whole(t, time.monotonic())
+
+
+def _etcd_outage(t: Trial) -> None:
+    hold = t.rng.uniform(1.0, 6.0)
+    t.fault = f"etcd down {hold:.1f}s"
+    stopped = devcluster.stop_etcd(t.dir)
+    try:
+        time.sleep(hold)
+    finally:
+        back = devcluster.start_etcd(t.dir, stopped)
+    t.heal_s = _wait_new_ack(t, back)
+
+
+def _enospc(t: Trial) -> None:
+    everywhere = t.rng.random() < 0.5
+    full = list(t.replicas) if everywhere else [t.other_replica()]
+    t.fault = f"pools full on {','.join(full)}"
+    fillers = [Path(t.spec.node(n).pool.dir) / "filler" for n in full]
+    for filler in fillers:
+        _fill(filler)
+    try:
+        if everywhere:  # every replica fails: the owner fences itself, writes fail
+            _wait_failed_write(t, time.monotonic())
+        else:
+            time.sleep(t.rng.uniform(1.0, 4.0))
+    finally:
+        for filler in fillers:
+            filler.unlink(missing_ok=True)
+    freed = time.monotonic()
+    if everywhere:
+        _restage(t)
+        t.heal_s = _wait_new_ack(t, freed)
+    _wait_isr_whole(t, freed)
+    t.heal_s = time.monotonic() - freed if t.heal_s is None else t.heal_s
+
+
+def _fill(filler: Path) -> None:
+    """Fill the filesystem of ``filler`` but for a few blocks (then ENOSPC is near)."""
+    with open(filler, "wb") as out:
+        chunk = b"\0" * (1 << 20)
+        try:
+            while True:
+                out.write(chunk)
+                out.flush()
+        except OSError:
+            pass  # full
+    with open(filler, "r+b") as out:  # leave ~64 KiB: the writers fill it at once
+        out.truncate(max(0, filler.stat().st_size - (64 << 10)))
+
+
+def _wait_failed_write(t: Trial, since: float, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(not w.acked and w.completed is not None and w.completed > since
+               for w in t.log.writes()):
+            return
+        time.sleep(0.05)
+    raise TimeoutError("no write failed although every pool was full")
+
+
+def _restage(t: Trial) -> None:
+    """The owner fenced itself: stop its writers, stage the volume again on the same node,
+    publish, and write on through the new device."""
+    assert t.writer is not None
+    t.writer.stop()
+    node = t.clients[t.owner]
+    unpublish_unstage(node, t.volume_id, t.work / "staging", t.device)
+    takeover = take_over(node, t.volume_id, t.work / "staging-2")
+    t.log.mark_takeover(takeover.staged_at, {t.writer.writer})
+    t.device = t.work / "pod-2" / "dev"
+    publish(node, t.volume_id, t.work / "staging-2", t.device)
+    t.restaged = True
+    t.writer = fio.BlockWriter(t.device, t.log, fio.new_writer_id(), WRITE_BLOCKS,
+                               seed=t.rng.getrandbits(32))
+    t.writer.start()
+
+
+INJECT: dict[str, Callable[[Trial], None]] = {
+    "replica-stop": _replica_stop, "partition": _partition, "etcd-outage": _etcd_outage,
+    "enospc": _enospc,
+}
+
+
+def prepare_pools(spec: devcluster.ClusterSpec, mode: str) -> list[Path]:
+    """For ``enospc``: a small tmpfs over every node's pool directory (empty between
+    trials); returns the mounts to remove with ``release_pools``."""
+    if mode != "enospc":
+        return []
+    mounted = []
+    for node in spec.nodes:
+        pool = Path(node.pool.dir)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={_TMPFS_BYTES}", "tandem-enospc",
+                        str(pool)], check=True, capture_output=True)
+        mounted.append(pool)
+    return mounted
+
+
+def release_pools(mounted: list[Path]) -> list[str]:
+    errors = []
+    for pool in mounted:
+        result = subprocess.run(["umount", "-l", str(pool)], capture_output=True, text=True)
+        if result.returncode != 0:
+            errors.append(f"umount {pool}: {result.stderr.strip()}")
+    return errors
+
+
+def run_fault(t: Trial, mode: str, fault_after_s: float) -> tuple[list[str], int | None]:
+    """Stage, write, inject ``mode``, heal, check: (violations, acknowledged writes lost)."""
+    node = t.clients[t.owner]
+    stage(node, t.volume_id, t.work / "staging")
+    publish(node, t.volume_id, t.work / "staging", t.device)
+    t.writer = fio.BlockWriter(t.device, t.log, fio.new_writer_id(), WRITE_BLOCKS,
+                               seed=t.rng.getrandbits(32))
+    t.writer.start()
+    try:
+        time.sleep(fault_after_s)
+        INJECT[mode](t)
+        time.sleep(0.5)  # a little more writing on the healed volume
+    finally:
+        if t.writer is not None and not t.writer.stop():
+            raise RuntimeError("writer threads still stuck in I/O after 60 s")
+    if fio.write_one(t.device, t.log, fio.new_writer_id(), 0, 1) is None:
+        raise RuntimeError("the volume takes no write after the fault healed")
+    from csi_driver.failover_bench import settle
+
+    size = fio.VOLUME_BYTES
+    problems = settle(t.spec, t.volume_id, lambda: fio.read_device(t.device, size))
+    outcome = check(t.log, fio.BlockReader(fio.read_device(t.device, size)), size // BLOCK_SIZE)
+    return [str(v) for v in outcome.violations] + problems, outcome.lost_acks
+
+
+def run_fault_trial(spec: devcluster.ClusterSpec, trial: int, mode: str,
+                    rng: random.Random, work: Path) -> TrialResult:
+    """One fault trial; never raises: failures are in the result's ``errors``."""
+    from csi_driver.failover_bench import TrialResult, cleanup_volume
+
+    owner = rng.choice([n.id for n in spec.nodes])
+    result = TrialResult(trial, mode, owner, owner)
+    work.mkdir(parents=True, exist_ok=True)
+    clients = {n.id: CsiClient(n.csi_endpoint) for n in spec.nodes}
+    ctl = CsiClient(spec.controller.csi_endpoint)
+    mounted: list[Path] = []
+    t: Trial | None = None
+    try:
+        mounted = prepare_pools(spec, mode)
+        result.volume_id, placed = create_block_volume(ctl, f"fault-{uuid.uuid4().hex[:12]}")
+        t = Trial(spec, result.volume_id, owner, tuple(placed), rng, work, clients,
+                  WriterLog(), work / "pod" / "dev")
+        result.kill_after_s = rng.uniform(0.5, 2.0)
+        result.violations, result.lost_acks = run_fault(t, mode, result.kill_after_s)
+        result.heal_s = t.heal_s
+    except Exception as exc:
+        result.errors.append(describe(exc))
+    finally:
+        if t is not None:
+            result.fault = t.fault
+            result.acked_before_kill = len(t.log.acked())
+            _best_effort(result, "unstage", unpublish_unstage, clients[owner],
+                         result.volume_id, t.work / ("staging-2" if t.restaged else "staging"),
+                         t.device)
+        cleanup_volume(result, ctl)
+        result.errors += release_pools(mounted)
+        for client in (*clients.values(), ctl):
+            client.close()
+    return result
+
+
+def _best_effort(result: TrialResult, what: str, func: Callable[..., object],
+                 *args: object) -> None:
+    try:
+        func(*args)
+    except Exception as exc:  # cleanup goes on; the trial records what failed
+        result.errors.append(f"{what}: {describe(exc)}")
