@@ -25,12 +25,11 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import random
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -48,6 +47,7 @@ from csi_driver.failover_csi import (
     take_over,
     unpublish_unstage,
 )
+from csi_driver.failover_summary import print_summary, secs, summarize
 from csi_driver.fault_modes import FAULT_MODES, run_fault_trial
 from csi_driver.state.etcd import EtcdStore
 
@@ -93,12 +93,12 @@ class TrialResult:
     def line(self) -> str:
         if self.fault or self.heal_s is not None:
             text = (f"trial {self.trial:4d} {self.mode:12} {self.fault:32} heal "
-                    f"{_secs(self.heal_s)} acked {self.acked_before_kill:5d} "
+                    f"{secs(self.heal_s)} acked {self.acked_before_kill:5d} "
                     f"lost {self.lost_acks} violations {len(self.violations)}")
             return text + ("" if not self.errors else f"  ERROR {self.errors[0]}")
         text = (f"trial {self.trial:3d} {self.mode:9} {self.owner}->{self.survivor} "
-                f"kill@{self.kill_after_s:.2f}s stage {_secs(self.kill_to_stage_s)} "
-                f"first-ack {_secs(self.kill_to_first_ack_s)} tries {self.stage_attempts:3d} "
+                f"kill@{self.kill_after_s:.2f}s stage {secs(self.kill_to_stage_s)} "
+                f"first-ack {secs(self.kill_to_first_ack_s)} tries {self.stage_attempts:3d} "
                 f"acked {self.acked_before_kill:5d} lost {self.lost_acks} "
                 f"violations {len(self.violations)}")
         return text + ("" if not self.errors else f"  ERROR {self.errors[0]}")
@@ -241,74 +241,6 @@ def _running_nodes(spec: devcluster.ClusterSpec) -> set[str]:
     return {n.id for n in status.nodes if n.process.running}
 
 
-# -- figures --------------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100); None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
-def _distribution(values: Sequence[float]) -> dict[str, float | None]:
-    return {"p50": percentile(values, 50), "p90": percentile(values, 90),
-            "p99": percentile(values, 99), "max": max(values) if values else None}
-
-
-def summarize(results: Sequence[TrialResult], lease_ttl_s: float) -> dict[str, Any]:
-    acks = [r.kill_to_first_ack_s for r in results if r.kill_to_first_ack_s is not None]
-    stages = [r.kill_to_stage_s for r in results if r.kill_to_stage_s is not None]
-    modes = sorted({r.mode for r in results})
-    return {
-        "trials": len(results),
-        "mode": modes[0] if len(modes) == 1 else "mix",
-        "lease_ttl_s": lease_ttl_s,
-        "succeeded": sum(1 for r in results if r.ok),
-        "kill_to_first_ack_s": _distribution(acks),
-        "kill_to_stage_s": _distribution(stages),
-        "acked_writes_lost": sum(r.lost_acks or 0 for r in results),
-        "violations": sum(len(r.violations) for r in results),
-        "unrecoverable": sum(1 for r in results if r.unrecoverable),
-        "failed_trials": [r.trial for r in results if not r.ok],
-        "by_mode": {m: _mode_summary([r for r in results if r.mode == m]) for m in modes},
-    }
-
-
-def _mode_summary(results: Sequence[TrialResult]) -> dict[str, Any]:
-    heals = [h for r in results
-             if (h := r.heal_s if r.heal_s is not None else r.kill_to_first_ack_s) is not None]
-    return {"trials": len(results), "clean": sum(1 for r in results if r.ok),
-            "acked_writes_lost": sum(r.lost_acks or 0 for r in results),
-            "violations": sum(len(r.violations) for r in results),
-            "unrecoverable": sum(1 for r in results if r.unrecoverable),
-            "heal_s": _distribution(heals)}
-
-
-def _secs(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}s"
-
-
-def _print_summary(summary: dict[str, Any]) -> None:
-    print(f"\n{summary['trials']} trials ({summary['mode']}, lease TTL "
-          f"{summary['lease_ttl_s']:g} s), {summary['succeeded']} clean")
-    for key, what in (("kill_to_first_ack_s", "first acknowledged write"),
-                      ("kill_to_stage_s", "NodeStageVolume done")):
-        t = summary[key]
-        if t["p50"] is not None:  # only kill trials have these
-            print(f"kill -> {what}: p50 {_secs(t['p50'])} p90 {_secs(t['p90'])} "
-                  f"p99 {_secs(t['p99'])} max {_secs(t['max'])}")
-    print(f"acknowledged writes lost: {summary['acked_writes_lost']}   "
-          f"violations: {summary['violations']}   unrecoverable: {summary['unrecoverable']}")
-    for mode, m in summary["by_mode"].items():
-        h = m["heal_s"]
-        print(f"  {mode:12} {m['trials']:5d} trials {m['clean']:5d} clean  lost "
-              f"{m['acked_writes_lost']}  violations {m['violations']}  unrecoverable "
-              f"{m['unrecoverable']}  heal p50 {_secs(h['p50'])} p90 {_secs(h['p90'])} "
-              f"max {_secs(h['max'])}")
-
-
 # -- entry point ----------------------------------------------------------------------------
 
 
@@ -393,7 +325,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     except devcluster.ClusterError as exc:
         print(f"tandem bench failover: {exc}", file=sys.stderr)
         return 1
-    _print_summary(summary)
+    print_summary(summary)
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"summary": summary, "trials": [asdict(r) | {"ok": r.ok} for r in results]},
