@@ -3,7 +3,7 @@
 Owns: nothing the product imports; run ``.venv/bin/python bench/bench_replica.py``.
 Must not: be imported by the driver or the tests.
 
-The server runs as its own process (``python -m replication.replica_server``, uvloop) over
+The server runs as its own process (``python -m replication.replica_server_cli``, uvloop) over
 a FilePool in a temporary directory, as on a replica node; the client keeps ``--qd`` writes
 in flight (a new one is submitted as each completes, so batches form naturally per tick)
 at random 4 KiB-aligned offsets for ``--seconds`` and reports writes/s and latency.
@@ -37,7 +37,8 @@ SECRET = os.urandom(32).hex().encode()  # this run's cluster secret
 
 def start_server(base: Path) -> tuple[subprocess.Popen[bytes], int]:
     FilePool(base / "pool", SIZE).create(VOLUME, SIZE)
-    argv = [sys.executable, "-m", "replication.replica_server", "--pool-dir", str(base / "pool")]
+    argv = [sys.executable, "-m", "replication.replica_server_cli"]
+    argv += ["--pool-dir", str(base / "pool")]
     argv += ["--pool-size", str(SIZE), "--meta-dir", str(base / "meta"), "--node-id", "bench"]
     argv += ["--listen", "127.0.0.1:0", "--log-level", "WARNING"]
     secret = base / "secret"

@@ -1,10 +1,11 @@
 """The replica side of the replication protocol: one TCP server for a node's pool.
 
 Owns: listening, the per-connection asyncio Protocol (socket options, feeding bytes to a
-``protocol.Connection``, batching replies, backpressure, barriers), the housekeeping timer,
-and the ``python -m replication.replica_server`` entry point. What a request does to a
-replica is ``replica_engine``'s business. Must not: crash on anything a peer sends, reorder
-one connection's requests across a barrier, or import csi_driver, grpc or etcd.
+``protocol.Connection``, batching replies, backpressure, barriers, access checks, connection
+limits), the housekeeping task. What a request does to a replica is ``replica_engine``'s
+business; ``replica_server_cli`` runs one from the command line. Must not: crash on anything
+a peer sends, reorder one connection's requests across a barrier, hold unbounded replies for
+a peer that does not read them, or import csi_driver, grpc or etcd.
 
 Replies to one received chunk go out in one ``transport.writelines``: the owner pipelines,
 so a chunk usually holds many requests: one send per chunk, not one per request.
@@ -12,22 +13,18 @@ so a chunk usually holds many requests: one send per chunk, not one per request.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
-import signal
-import sys
 from collections import deque
 from dataclasses import replace
 from pathlib import Path
 from typing import cast
 
 from replication.access import ConnectionLimits, ReplicaAccess
-from replication.heap import keep_large_buffers_on_heap
 from replication.local_writers import LocalWriters
 from replication.messages import Buffer, Hello, Op, ProtocolErrorEvent, Request, Role, Status
-from replication.peer_auth import PeerAuth, SecretError, load_secret
+from replication.peer_auth import PeerAuth
 from replication.pool.base import Pool
 from replication.protocol import Connection, State
 from replication.replica_client import HIGH_WATER, configure_socket
@@ -36,6 +33,7 @@ from replication.replica_engine import Deferred, ReplicaEngine, Result
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_S = 1.0  # lazy metadata saves and stale-descriptor checks
+OUT_BUDGET = 4 << 20  # reply bytes built before they are handed to the transport
 _OBSERVER_OPS = frozenset({Op.READ, Op.STAT, Op.CHECKSUM})
 _DEFAULT_LIMITS = ConnectionLimits()
 
@@ -127,7 +125,9 @@ class _ServerConnection(asyncio.BufferedProtocol):
         self._out: list[Buffer] = []
         self._in_batch = False  # replies queued now go out at the end of data_received
         self._send_scheduled = False
-        self._held: deque[Request] | None = None  # set while a barrier op runs
+        self._held: deque[Request] | None = None  # set while requests must wait
+        self._barrier = False  # a barrier op (or an access check) runs: _held waits for it
+        self._out_bytes = 0  # payload bytes of the replies in _out
         self._write_paused = False
         self._reading_paused = False
         self._closed = False
@@ -198,9 +198,11 @@ class _ServerConnection(asyncio.BufferedProtocol):
         try:
             for ev in self._conn.buffer_updated(nbytes):
                 if type(ev) is Request:
-                    if self._held is None:
+                    if self._held is None and self._may_dispatch():
                         self._dispatch(ev)
-                    else:
+                    else:  # behind a barrier, or the peer is not reading our replies
+                        if self._held is None:
+                            self._held = deque()
                         self._held.append(_detached(ev))
                 elif isinstance(ev, ProtocolErrorEvent):
                     self._protocol_error(ev)
@@ -237,7 +239,7 @@ class _ServerConnection(asyncio.BufferedProtocol):
         deferred = res
         task = asyncio.get_running_loop().create_task(deferred.work)
         if deferred.barrier:
-            self._held = deque()
+            self._held, self._barrier = deque(), True
             self._update_reading()
         task.add_done_callback(lambda t: self._finished(req, t, deferred.barrier))
 
@@ -261,7 +263,7 @@ class _ServerConnection(asyncio.BufferedProtocol):
         fence = req.epoch if req.op is Op.FENCE else None
         req = _detached(req)
         task = asyncio.get_running_loop().create_task(access.check(req.volume_id, peer, fence))
-        self._held = deque()
+        self._held, self._barrier = deque(), True
         self._update_reading()
         task.add_done_callback(lambda t: self._checked(req, peer, t))
 
@@ -282,6 +284,7 @@ class _ServerConnection(asyncio.BufferedProtocol):
             log.warning("volume=%s peer=%s %s refused: %s", req.volume_id[:128], peer,
                         req.op.name, reason)
             self._reply(req, (Status.AUTH_FAILED, 0, reason.encode()[:1024]))
+        self._barrier = False
         self._release()
 
     def _finished(self, req: Request, task: asyncio.Task[Result], barrier: bool) -> None:
@@ -289,24 +292,38 @@ class _ServerConnection(asyncio.BufferedProtocol):
             return
         self._reply(req, task.result())  # the engine's coroutines never raise
         if barrier:
+            self._barrier = False
             self._release()
 
+    def _may_dispatch(self) -> bool:
+        """Whether one more request may run now: replies are bounded in memory. Past
+        ``OUT_BUDGET`` queued bytes they go to the transport, which pauses us (and so the
+        peer) once more than HIGH_WATER bytes wait for a peer that does not read."""
+        if self._out_bytes >= OUT_BUDGET:
+            self._send()
+        return not self._write_paused
+
     def _release(self) -> None:
-        """Dispatch the requests a barrier held, in order, until one sets a new barrier."""
+        """Dispatch the requests held, in order, until one sets a new barrier or the
+        peer stops reading our replies."""
         held, self._held = self._held, None
         self._in_batch = True
         try:
-            while held and self._held is None:
+            while held and self._held is None and self._may_dispatch():
                 self._dispatch(held.popleft())
         finally:
             self._in_batch = False
-        if held and self._held is not None:
-            self._held.extend(held)
+        if held:
+            if self._held is None:
+                self._held = held
+            else:
+                self._held.extend(held)
         self._send()
         self._update_reading()
 
     def _reply(self, req: Request, res: Result) -> None:
         status, epoch, payload = res
+        self._out_bytes += len(payload)
         self._out += self._conn.encode_response(req.op, req.request_id, status, epoch, payload)
         if not self._in_batch and not self._send_scheduled:
             self._send_scheduled = True
@@ -316,7 +333,7 @@ class _ServerConnection(asyncio.BufferedProtocol):
         self._send_scheduled = False
         if self._out and self._transport is not None and not self._transport.is_closing():
             self._transport.writelines(self._out)
-        self._out = []
+        self._out, self._out_bytes = [], 0
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -324,6 +341,8 @@ class _ServerConnection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._held is not None and not self._barrier:
+            self._release()  # requests held only because the peer was not reading
         self._update_reading()
 
     def _update_reading(self) -> None:
@@ -344,69 +363,3 @@ def _detached(req: Request) -> Request:
     if not req.payload:
         return req
     return replace(req, payload=bytes(req.payload))
-
-
-def _parse_listen(listen: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"--listen must be HOST:PORT, not {listen!r}")
-    return host.strip("[]"), int(port)
-
-
-async def _serve(args: argparse.Namespace, pool: Pool) -> None:
-    auth = PeerAuth(load_secret(Path(args.secret_file)), args.node_id)
-    writers = LocalWriters(args.local_writers_dir) if args.local_writers_dir else None
-    server = ReplicaServer(pool, Path(args.meta_dir), auth, local_writers=writers)
-    host, port = args.listen
-    await server.start(host, port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"listening {host}:{server.port}", flush=True)  # the readiness line scripts wait for
-    try:
-        await stop.wait()
-    finally:
-        await server.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Manual and integration testing: serve a file pool's replicas."""
-    from replication.pool.file import FilePool  # only the CLI picks a backend
-
-    parser = argparse.ArgumentParser(prog="python -m replication.replica_server")
-    parser.add_argument("--pool-dir", required=True)
-    parser.add_argument("--pool-size", required=True, type=int, help="capacity in bytes")
-    parser.add_argument("--meta-dir", required=True)
-    parser.add_argument("--listen", required=True, type=_parse_listen, help="HOST:PORT")
-    parser.add_argument("--node-id", required=True)
-    parser.add_argument("--secret-file", required=True,
-                        help="the cluster secret peers must prove they hold (mode 0600)")
-    parser.add_argument("--local-writers-dir",
-                        help="registry of processes writing replicas directly (ended on fence)")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
-    )
-    try:
-        import uvloop
-    except ImportError:  # plain asyncio works, ~3x slower per round trip
-        runner = asyncio.Runner()
-    else:
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    keep_large_buffers_on_heap()
-    try:
-        with runner:
-            runner.run(_serve(args, FilePool(args.pool_dir, args.pool_size)))
-    except SecretError as exc:
-        log.error("replica server: %s", exc)
-        return 2
-    except OSError as exc:
-        log.error("replica server cannot serve on %s: %s", args.listen, exc)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""ReplicaServer (as ``python -m replication.replica_server``) driven by ReplicaClient.
+"""ReplicaServer (as ``python -m replication.replica_server_cli``) driven by ReplicaClient.
 
 Each test runs a real server process on 127.0.0.1 over a FilePool in a temporary directory;
 the test creates replicas through its own FilePool on the same directory (the pool's file
@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Coroutine, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,12 +30,14 @@ from replication.messages import (
     ChecksumAlgo,
     Op,
     Response,
+    Role,
     StatInfo,
     Status,
     WriteBatch,
     block_digests,
 )
 from replication.pool.file import FilePool
+from replication.protocol import Connection
 from replication.replica_client import ReplicaClient, expect_ok
 from tests.credentials import auth, write_secret
 
@@ -60,7 +63,7 @@ class ServerProcess:
         self.log = base / "server.log"
 
     def start(self) -> None:
-        argv = [sys.executable, "-m", "replication.replica_server"]
+        argv = [sys.executable, "-m", "replication.replica_server_cli"]
         argv += ["--pool-dir", str(self.base / "pool"), "--pool-size", str(1 << 30)]
         argv += ["--meta-dir", str(self.base / "meta"), "--node-id", "node-b"]
         argv += ["--listen", f"127.0.0.1:{self.port}"]  # 0 first, then the same port again
@@ -484,3 +487,47 @@ def test_the_client_also_runs_on_the_default_event_loop(server: ServerProcess) -
         client.close()
 
     asyncio.run(body())
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_pipelined_reads_for_a_peer_that_does_not_read_stay_bounded(
+    server: ServerProcess,
+) -> None:
+    """Issue 11 #5: 256 pipelined 1 MiB READs in one 19 KiB send made the server build
+    256 MiB of replies at once. Replies now wait for a peer that does not read them (the
+    server stops reading its requests too); once the peer reads, every reply arrives."""
+    assert server.proc is not None
+    conn = Connection(Role.CLIENT, auth=auth("node-a"))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"".join(conn.encode_request(Op.HELLO, 1)))
+        assert _responses(sock, conn, 1)[0].status is Status.OK
+        sock.sendall(b"".join(conn.encode_auth(2)))
+        assert _responses(sock, conn, 1)[0].status is Status.OK
+        before = _rss(server.proc.pid)
+        burst = b"".join(b"".join(conn.encode_request(Op.READ, 10 + i, VOL, 0, (i % 64) * MIB,
+                                                      MIB)) for i in range(256))
+        sock.sendall(burst)
+        time.sleep(1.5)  # the server has done all it will do for a peer that does not read
+        grown = _rss(server.proc.pid) - before
+        replies = _responses(sock, conn, 256)
+    print(f"256 unread 1 MiB READs grew the server by {grown / MIB:.1f} MiB")
+    assert grown < 48 * MIB, f"the server grew by {grown >> 20} MiB for unread replies"
+    assert [r.request_id for r in replies] == list(range(10, 266))
+    assert all(r.status is Status.OK and len(r.payload) == MIB for r in replies)
+
+
+def _responses(sock: socket.socket, conn: Connection, count: int) -> list[Response]:
+    out: list[Response] = []
+    while len(out) < count:
+        data = sock.recv(1 << 20)
+        assert data, "the server closed the connection"
+        for ev in conn.receive_data(data):
+            assert isinstance(ev, Response), ev
+            out.append(replace(ev, payload=bytes(ev.payload)))
+    return out

@@ -59,7 +59,7 @@ class Replica:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "replication.replica_server", "--pool-dir",
+            [sys.executable, "-m", "replication.replica_server_cli", "--pool-dir",
              str(self.pool_dir), "--pool-size", str(1 << 30), "--meta-dir", str(self.meta_dir),
              "--listen", f"127.0.0.1:{self.port}", "--node-id", self.node_id,
              "--secret-file", str(write_secret(self.meta_dir.parent / f"{self.node_id}.secret"))],
