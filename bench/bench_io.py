@@ -15,6 +15,8 @@ share a machine state:
               namespace, nbdfuse + direct-I/O loop), fio libaio O_DIRECT on the published
               device: end to end
   fuse-loop-qemu  the same nbdfuse + loop attach over qemu-nbd: the baseline for the above
+  tandem-r3-tls   tandem-r3 again on a second cluster whose replication runs over TLS
+              (``--only tls``; tandem-r3-tls / tandem-r3 is the cost of encryption)
 
 Prints IOPS, MB/s and p99 completion latency per target and job, with ratios to qemu-nbd
 (rows through the nbd engine) or to fuse-loop-qemu (rows through a device); writes JSON.
@@ -62,8 +64,8 @@ JOBS = (  # name, rw, bs, iodepth
     ("seqwrite-1M", "write", "1M", 8),
 )
 BASELINE = {"local": "qemu-nbd", "qemu-nbd": "qemu-nbd", "tandem-r1": "qemu-nbd",
-            "tandem-r3": "qemu-nbd", "tandem-r3-dev": "fuse-loop-qemu",
-            "fuse-loop-qemu": "fuse-loop-qemu"}
+            "tandem-r3": "qemu-nbd", "tandem-r3-tls": "qemu-nbd",
+            "tandem-r3-dev": "fuse-loop-qemu", "fuse-loop-qemu": "fuse-loop-qemu"}
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,21 @@ def measure_tandem(args: argparse.Namespace, work: Path, results: Results) -> No
         devcluster.down(cluster)
 
 
+def measure_tandem_tls(args: argparse.Namespace, work: Path, results: Results) -> None:
+    size, cluster = args.size * MiB, work / "cluster-tls"
+    devcluster.down(cluster)
+    try:
+        spec = devcluster.up(cluster, 3, 3 * size + 256 * MiB, lease_ttl_s=5.0, tls=True)
+        r3, _ = create_volume(spec, "bench-r3-tls", size, 3)
+        say("tandem-r3-tls (replication over TLS; staged on node-1, fio nbd engine)")
+        with staged_block(spec, r3, "node-1", cluster / "work"):
+            sock, pid = staged_target(spec, r3, "node-1")
+            target = nbd_target("tandem-r3-tls", sock, pid, tuple(n.pid for n in spec.nodes))
+            results["tandem-r3-tls"] = run_fio(target, work, size, args.runtime)
+    finally:
+        devcluster.down(cluster)
+
+
 def staged_target(spec: devcluster.ClusterSpec, volume_id: str, node: str) -> tuple[Path, int]:
     """The NBD socket and pid of the target ``node`` runs for the staged ``volume_id``."""
     state = Path(spec.node(node).state_dir)
@@ -300,7 +317,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=512, help="MiB per target")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--local-engine", default="io_uring", choices=["io_uring", "libaio"])
-    parser.add_argument("--only", default="", help="comma-separated: baselines,tandem")
+    parser.add_argument("--only", default="", help="comma-separated: baselines,tandem,tls")
     args = parser.parse_args()
     for tool in ("fio", "qemu-nbd", "nbdfuse", "losetup"):
         if shutil.which(tool) is None:
@@ -311,7 +328,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     results: Results = {}
     parts: dict[str, Callable[[argparse.Namespace, Path, Results], None]] = {
-        "baselines": measure_baselines, "tandem": measure_tandem}
+        "baselines": measure_baselines, "tandem": measure_tandem, "tls": measure_tandem_tls}
     for name, part in parts.items():
         if not args.only or name in args.only.split(","):
             part(args, work, results)

@@ -24,6 +24,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 from csi_driver import config as cfg
 from csi_driver.agent_auth import KeyFileError, load_public_keys, load_signer
 from replication.peer_auth import SecretError, load_secret
+from replication.peer_tls import TlsConfigError, load_peer_tls
 
 
 def _setup_logging(level: str) -> None:
@@ -90,10 +91,14 @@ def cmd_node(args: argparse.Namespace) -> int:
         lease_ttl_s=args.lease_ttl,
         max_volumes=args.max_volumes,
         hold_io_s=args.hold_io_timeout,
+        tls_cert_file=Path(args.tls_cert_file) if args.tls_cert_file else None,
+        tls_key_file=Path(args.tls_key_file) if args.tls_key_file else None,
     )
     # Bad credentials: exit 2 now with one line, not a traceback from the daemon.
     load_secret(config.cluster_secret_file)
     load_public_keys(config.agent_public_key_file)
+    if config.tls_cert_file and config.tls_key_file:
+        load_peer_tls(config.tls_cert_file, config.tls_key_file)
     keep_large_buffers_on_heap()  # the node process hosts the replica server
     _run(run_node(config))
     return 0
@@ -157,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="how long a volume's I/O waits (instead of failing) while its "
                       "owner cannot confirm its lease, e.g. during an etcd outage")
     node.add_argument("--max-volumes", type=int, default=0)
+    node.add_argument("--tls-cert-file", help="encrypt replication with TLS: the cluster's "
+                      "tls.crt (every node alike; docs/security.md for the cost)")
+    node.add_argument("--tls-key-file", help="the cluster's tls.key, mode 0600")
     node.set_defaults(func=cmd_node)
 
     from csi_driver import cli_tools
@@ -171,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(getattr(args, "log_level", "warning"))
     try:
         return int(args.func(args))
-    except (cfg.ConfigError, SecretError, KeyFileError) as exc:
+    except (cfg.ConfigError, SecretError, KeyFileError, TlsConfigError) as exc:
         print(f"tandem: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -21,7 +21,7 @@ def _cluster_up(args: argparse.Namespace) -> int:
 
     spec = devcluster.up(
         Path(args.dir).resolve(), args.nodes, cfg.parse_size(args.pool_size),
-        lease_ttl_s=args.lease_ttl,
+        lease_ttl_s=args.lease_ttl, tls=args.tls,
     )
     print(f"cluster up: {len(spec.nodes)} nodes, etcd {spec.etcd_endpoints[0]}")
     for node in spec.nodes:
@@ -137,17 +137,21 @@ def progress_bar(p: dict[str, Any], width: int = 30) -> str:
 
 async def _verify(cluster_dir: Path, volume: str) -> int:
     from csi_driver.devcluster import cluster_secret_path
+    from csi_driver.devcluster.cluster import tls_paths
     from csi_driver.state.etcd import EtcdStore
     from csi_driver.verify import verify_volume
     from replication.peer_auth import PeerAuth, load_secret
+    from replication.peer_tls import load_peer_tls
 
     spec = json.loads((cluster_dir / "cluster.json").read_text())
     # Reads at epoch 0 change nothing: any holder of the cluster secret may observe.
     auth = PeerAuth(load_secret(cluster_secret_path(cluster_dir)), "tandem-verify")
+    tls = (load_peer_tls(*tls_paths(cluster_dir)).client if spec.get("replication_tls")
+           else None)
     store = EtcdStore([spec["etcd_host_endpoint"]], prefix=spec.get("etcd_prefix", "/tandem/"))
     try:
         volume_id = await store.volume_id_for_name(volume) or volume
-        report = await verify_volume(store, volume_id, auth)
+        report = await verify_volume(store, volume_id, auth, tls)
     except LookupError as exc:
         print(f"tandem: {exc}", file=sys.stderr)
         return 1
@@ -218,6 +222,7 @@ def add_commands(sub: Any) -> None:
     up.add_argument("--dir", required=True)
     up.add_argument("--pool-size", default="2G")
     up.add_argument("--lease-ttl", type=float, default=DEFAULT_LEASE_TTL_S)
+    up.add_argument("--tls", action="store_true", help="replication over TLS")
     up.set_defaults(func=_cluster_up)
     bench = sub.add_parser("bench", help="benchmarks against a local dev cluster")
     bsub = bench.add_subparsers(dest="bench_command", required=True)

@@ -150,6 +150,9 @@ class NodeConfig:
     lease_ttl_s: int = DEFAULT_LEASE_TTL_S
     max_volumes: int = 0
     hold_io_s: float = DEFAULT_HOLD_S
+    # Replication over TLS (replication.peer_tls): both or neither; every node alike.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not _NODE_ID_RE.match(self.node_id):
@@ -165,6 +168,8 @@ class NodeConfig:
             raise ConfigError(f"--hold-io-timeout must be within 0..3600 s, got {self.hold_io_s}")
         if self.max_volumes < 0:
             raise ConfigError("--max-volumes must be >= 0 (0 = unlimited)")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("--tls-cert-file and --tls-key-file go together")
 
     @property
     def agent_address(self) -> str:

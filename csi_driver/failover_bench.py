@@ -80,11 +80,9 @@ class TrialResult:
     notes: list[str] = field(default_factory=list)  # retried refusals outside the takeover
     fault: str = ""  # fault modes: what was done
     heal_s: float | None = None  # fault modes: end of the fault -> healed (fault_modes.py)
-
-    @property
-    def unrecoverable(self) -> bool:
-        """The volume could not be written (or checked) again after the fault."""
-        return self.lost_acks is None
+    # The volume could not be served, written or read back after the fault (or its heal
+    # never came): what must stay 0. Errors of the benchmark's own are only ``errors``.
+    unrecoverable: bool = False
 
     @property
     def ok(self) -> bool:
@@ -163,13 +161,18 @@ def _failover(
         killed_at = time.monotonic()
         result.acked_before_kill = len(log.acked())
         devcluster.kill_node(Path(spec.dir), result.owner, mode)
-        takeover = take_over(survivor, result.volume_id, work / "new-staging")
+        try:
+            takeover = take_over(survivor, result.volume_id, work / "new-staging")
+        except TimeoutError:
+            result.unrecoverable = True
+            raise
         log.mark_takeover(takeover.staged_at, {writer.writer})
         result.kill_to_stage_s = takeover.staged_at - killed_at
         result.stage_attempts, result.refusals = takeover.attempts, takeover.answers
         publish(survivor, result.volume_id, work / "new-staging", new_dev)
         acked_at = fio.write_one(new_dev, log, fio.new_writer_id(), rng.randrange(WRITE_BLOCKS), 1)
         if acked_at is None:
+            result.unrecoverable = True
             raise RuntimeError("the first write on the new owner failed")
         result.kill_to_first_ack_s = acked_at - killed_at
         first = fio.read_device(new_dev, size)  # before convergence may have finished

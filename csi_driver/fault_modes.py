@@ -23,6 +23,8 @@ acknowledged write (after a restage when all replicas were full) and the ISR is 
 
 from __future__ import annotations
 
+import errno
+import os
 import random
 import subprocess
 import time
@@ -52,6 +54,14 @@ FAULT_MODES = ("replica-stop", "partition", "etcd-outage", "enospc")
 HEAL_TIMEOUT_S = 90.0
 WRITE_BLOCKS = 4096
 _TMPFS_BYTES = 24 << 20  # a pool filesystem that the writers' 16 MiB region can fill
+
+
+class Unrecoverable(RuntimeError):
+    """The volume could not be written (and checked) again after the fault healed."""
+
+
+class NotHealed(RuntimeError):
+    """The volume serves, but its ISR was not whole again in time."""
 
 
 @dataclass
@@ -90,7 +100,7 @@ def _wait_isr_whole(t: Trial, since: float) -> float:
     deadline = time.monotonic() + HEAL_TIMEOUT_S
     while set(isr_of(t.spec, t.volume_id)) != set(t.replicas):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the ISR was not whole {HEAL_TIMEOUT_S:g} s after the fault")
+            raise NotHealed(f"the ISR was not whole {HEAL_TIMEOUT_S:g} s after the fault")
         time.sleep(0.1)
     return time.monotonic() - since
 
@@ -104,7 +114,7 @@ def _wait_new_ack(t: Trial, since: float, timeout_s: float = HEAL_TIMEOUT_S) -> 
         if done:
             return min(done) - since
         time.sleep(0.05)
-    raise TimeoutError(f"no write acknowledged within {timeout_s:g} s after the fault")
+    raise Unrecoverable(f"no write acknowledged within {timeout_s:g} s after the fault")
 
 
 def _replica_stop(t: Trial) -> None:
@@ -165,16 +175,18 @@ def _enospc(t: Trial) -> None:
 
 def _fill(filler: Path) -> None:
     """Fill the filesystem of ``filler`` but for a few blocks (then ENOSPC is near)."""
-    with open(filler, "wb") as out:
-        chunk = b"\0" * (1 << 20)
-        try:
-            while True:
-                out.write(chunk)
-                out.flush()
-        except OSError:
-            pass  # full
-    with open(filler, "r+b") as out:  # leave ~64 KiB: the writers fill it at once
-        out.truncate(max(0, filler.stat().st_size - (64 << 10)))
+    chunk = b"\1" * (64 << 10)
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        while True:  # unbuffered: a buffered file would raise ENOSPC again on close
+            os.write(fd, chunk)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
+    # Leave ~64 KiB: the writers fill it at once.
+    os.truncate(filler, max(0, filler.stat().st_size - (64 << 10)))
 
 
 def _wait_failed_write(t: Trial, since: float, timeout_s: float = 30.0) -> None:
@@ -184,7 +196,7 @@ def _wait_failed_write(t: Trial, since: float, timeout_s: float = 30.0) -> None:
                for w in t.log.writes()):
             return
         time.sleep(0.05)
-    raise TimeoutError("no write failed although every pool was full")
+    raise RuntimeError("no write failed although every pool was full")
 
 
 def _restage(t: Trial) -> None:
@@ -194,7 +206,10 @@ def _restage(t: Trial) -> None:
     t.writer.stop()
     node = t.clients[t.owner]
     unpublish_unstage(node, t.volume_id, t.work / "staging", t.device)
-    takeover = take_over(node, t.volume_id, t.work / "staging-2")
+    try:
+        takeover = take_over(node, t.volume_id, t.work / "staging-2")
+    except TimeoutError as exc:
+        raise Unrecoverable(f"not staged again after space was freed: {exc}") from exc
     t.log.mark_takeover(takeover.staged_at, {t.writer.writer})
     t.device = t.work / "pod-2" / "dev"
     publish(node, t.volume_id, t.work / "staging-2", t.device)
@@ -233,8 +248,11 @@ def release_pools(mounted: list[Path]) -> list[str]:
     return errors
 
 
+
+
 def run_fault(t: Trial, mode: str, fault_after_s: float) -> tuple[list[str], int | None]:
-    """Stage, write, inject ``mode``, heal, check: (violations, acknowledged writes lost)."""
+    """Stage, write, inject ``mode``, heal, check: (violations, acknowledged writes lost).
+    Raises Unrecoverable when the healed volume takes no write or cannot be read back."""
     node = t.clients[t.owner]
     stage(node, t.volume_id, t.work / "staging")
     publish(node, t.volume_id, t.work / "staging", t.device)
@@ -249,12 +267,16 @@ def run_fault(t: Trial, mode: str, fault_after_s: float) -> tuple[list[str], int
         if t.writer is not None and not t.writer.stop():
             raise RuntimeError("writer threads still stuck in I/O after 60 s")
     if fio.write_one(t.device, t.log, fio.new_writer_id(), 0, 1) is None:
-        raise RuntimeError("the volume takes no write after the fault healed")
+        raise Unrecoverable("the volume takes no write after the fault healed")
     from csi_driver.failover_bench import settle
 
     size = fio.VOLUME_BYTES
-    problems = settle(t.spec, t.volume_id, lambda: fio.read_device(t.device, size))
-    outcome = check(t.log, fio.BlockReader(fio.read_device(t.device, size)), size // BLOCK_SIZE)
+    try:
+        problems = settle(t.spec, t.volume_id, lambda: fio.read_device(t.device, size))
+        image = fio.read_device(t.device, size)
+    except OSError as exc:
+        raise Unrecoverable(f"the healed volume cannot be read back: {exc}") from exc
+    outcome = check(t.log, fio.BlockReader(image), size // BLOCK_SIZE)
     return [str(v) for v in outcome.violations] + problems, outcome.lost_acks
 
 
@@ -278,7 +300,10 @@ def run_fault_trial(spec: devcluster.ClusterSpec, trial: int, mode: str,
         result.kill_after_s = rng.uniform(0.5, 2.0)
         result.violations, result.lost_acks = run_fault(t, mode, result.kill_after_s)
         result.heal_s = t.heal_s
-    except Exception as exc:
+    except Unrecoverable as exc:
+        result.unrecoverable = True
+        result.errors.append(describe(exc))
+    except Exception as exc:  # the bench's own trouble: a failed trial, not a lost volume
         result.errors.append(describe(exc))
     finally:
         if t is not None:

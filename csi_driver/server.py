@@ -46,6 +46,7 @@ from csi_driver.targets import TargetProcesses, local_writers_dir
 from csi_driver.volumes import VolumeService
 from replication.local_writers import LocalWriters
 from replication.peer_auth import PeerAuth, load_secret
+from replication.peer_tls import load_peer_tls
 from replication.pool.base import Pool, open_pool
 from replication.replica_server import ReplicaServer
 
@@ -178,8 +179,10 @@ async def run_node(config: NodeConfig) -> None:
     membership = Membership(config, store, pool, staging.staged_count)
     await membership.register()
     auth = PeerAuth(load_secret(config.cluster_secret_file), config.node_id)
+    tls = (load_peer_tls(config.tls_cert_file, config.tls_key_file).server
+           if config.tls_cert_file and config.tls_key_file else None)
     replicas = ReplicaServer(pool, config.state_dir / "replicas", auth,
-                             access=StoreReplicaAccess(store),
+                             access=StoreReplicaAccess(store), tls=tls,
                              local_writers=LocalWriters(local_writers_dir(config.state_dir)))
     await sweep_orphans(store, pool, config.node_id)
     await replicas.start(*config.replica_listen)

@@ -42,6 +42,7 @@ from replication.local_replica import LocalReplica
 from replication.local_writers import LocalWriters
 from replication.nbd_server import NbdServer
 from replication.peer_auth import PeerAuth, SecretError, load_secret
+from replication.peer_tls import TlsConfigError, load_peer_tls
 from replication.replica_client import ReplicaClient
 from replication.target import ReplicaEndpoint, ReplicatedBackend
 
@@ -72,7 +73,9 @@ async def _endpoints(store: EtcdStore, record: VolumeRecord) -> list[ReplicaEndp
 async def serve(args: argparse.Namespace) -> None:
     try:
         auth = PeerAuth(load_secret(Path(args.cluster_secret_file)), args.node_id)
-    except SecretError as exc:
+        tls = (load_peer_tls(Path(args.tls_cert_file), Path(args.tls_key_file)).client
+               if args.tls_cert_file else None)
+    except (SecretError, TlsConfigError) as exc:
         raise TargetStartError(str(exc)) from None
     store = EtcdStore(parse_etcd_endpoints(args.etcd_endpoints), prefix=args.etcd_prefix)
     found = await store.get_volume(args.volume_id)
@@ -98,9 +101,9 @@ async def serve(args: argparse.Namespace) -> None:
         # A replica that does not answer within this is dropped from the ISR (and rebuilt
         # later): a takeover must not wait out a dead node's TCP timeout.
         if writers is None or endpoint.node_id != args.node_id:
-            return await ReplicaClient.connect(endpoint.host, endpoint.port, auth,
+            return await ReplicaClient.connect(endpoint.host, endpoint.port, auth, tls=tls,
                                                connect_timeout_s=FENCE_CONNECT_TIMEOUT_S)
-        local = await LocalReplica.connect(endpoint.host, endpoint.port, auth,
+        local = await LocalReplica.connect(endpoint.host, endpoint.port, auth, tls=tls,
                                            connect_timeout_s=FENCE_CONNECT_TIMEOUT_S)
         local.enable_direct(args.local_replica_path, writers)
         return local
@@ -250,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--cluster-secret-file", required=True,
                         help="the replication secret (the node passes its own)")
+    parser.add_argument("--tls-cert-file", help="replication over TLS (the node's setting)")
+    parser.add_argument("--tls-key-file")
     parser.add_argument("--lease-ttl", type=lease_ttl_arg, default=DEFAULT_LEASE_TTL_S)
     parser.add_argument("--owner-lease", type=lambda v: int(v, 0), required=True,
                         help="the etcd lease the node bound our claim to (we keep it alive)")
@@ -264,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-file", help="append logs (stderr) here")
     args = parser.parse_args(argv)
+    if bool(args.tls_cert_file) != bool(args.tls_key_file):
+        parser.error("--tls-cert-file and --tls-key-file go together")
     if args.local_replica_path and not args.local_writers_dir:
         parser.error("--local-replica-path needs --local-writers-dir (the fencing registry)")
     if args.log_file:

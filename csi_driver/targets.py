@@ -77,6 +77,9 @@ class TargetProcesses:
             "--log-file", str(self._dir / f"{volume_id}.log"),
         ]
         # A pool lookup may run a tool (lvs, ~65 ms): never on the node's event loop.
+        if c.tls_cert_file and c.tls_key_file:
+            argv += ["--tls-cert-file", str(c.tls_cert_file),
+                     "--tls-key-file", str(c.tls_key_file)]
         local = await asyncio.to_thread(self._local_replica, volume_id)
         if local is not None:
             argv += ["--local-replica-path", local,

@@ -9,6 +9,7 @@ times before they count as divergent.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from dataclasses import dataclass, field
 
 from csi_driver.state.store import Store
@@ -77,7 +78,8 @@ async def _compare_block(
     return False
 
 
-async def verify_volume(store: Store, volume_id: str, auth: PeerAuth) -> VerifyReport:
+async def verify_volume(store: Store, volume_id: str, auth: PeerAuth,
+                        tls: ssl.SSLContext | None = None) -> VerifyReport:
     found = await store.get_volume(volume_id)
     if found is None:
         raise LookupError(f"volume {volume_id} does not exist")
@@ -92,7 +94,7 @@ async def verify_volume(store: Store, volume_id: str, auth: PeerAuth) -> VerifyR
             continue
         host, _, port = node.replica_address.rpartition(":")
         try:
-            clients[replica] = await ReplicaClient.connect(host, int(port), auth)
+            clients[replica] = await ReplicaClient.connect(host, int(port), auth, tls=tls)
         except Exception as exc:  # any connection failure is a verdict, not a crash
             report.replicas.append(ReplicaVerdict(replica, False, detail=str(exc)))
     try:

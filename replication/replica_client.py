@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any, Self, cast
 
@@ -41,6 +42,7 @@ from replication.messages import (
     WriteBatch,
 )
 from replication.peer_auth import PeerAuth
+from replication.peer_tls import SERVER_NAME
 from replication.protocol import Connection
 
 log = logging.getLogger(__name__)
@@ -134,6 +136,7 @@ class ReplicaClient:
         port: int,
         auth: PeerAuth,
         *,
+        tls: ssl.SSLContext | None = None,
         connect_timeout_s: float = 3.0,
         request_timeout_s: float = 5.0,
         user_timeout_ms: int = 3000,
@@ -141,11 +144,15 @@ class ReplicaClient:
         """Connect and authenticate both ways (``peer_auth``: we prove we hold the cluster
         secret as ``auth.node_id``, the replica proves it too). Raises
         ReplicaUnavailableError if the replica cannot be reached in time or fails to prove
-        itself, ReplicaStatusError if it refuses us (AUTH_FAILED)."""
+        itself, ReplicaStatusError if it refuses us (AUTH_FAILED). ``tls``: the client
+        context of ``peer_tls`` (the server must then run TLS too)."""
         client = cls((host, port), request_timeout_s, user_timeout_ms, auth)
         try:
             async with asyncio.timeout(connect_timeout_s):
-                await client._loop.create_connection(lambda: _Protocol(client), host, port)
+                await client._loop.create_connection(
+                    lambda: _Protocol(client), host, port, ssl=tls,
+                    server_hostname=SERVER_NAME if tls else None,
+                    ssl_handshake_timeout=connect_timeout_s if tls else None)
                 # The codec fills in our HELLO (a fresh nonce) and the AUTH proof.
                 response = await client._submit(Op.HELLO, "", 0)
                 if response.status is Status.OK:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections import deque
 from dataclasses import replace
 from pathlib import Path
@@ -50,10 +51,14 @@ class ReplicaServer:
         access: ReplicaAccess | None = None,
         local_writers: LocalWriters | None = None,
         limits: ConnectionLimits = _DEFAULT_LIMITS,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         """``auth``: every peer must prove it holds the cluster secret (no anonymous peers).
         ``access``: who may touch which volume, and which epochs are real (the node passes
-        its etcd view; without it any authenticated peer may act on any volume)."""
+        its etcd view; without it any authenticated peer may act on any volume). ``tls``:
+        encrypt every connection (``peer_tls``; a peer without the cluster certificate
+        gets no further than the TLS handshake)."""
+        self.tls = tls
         self.node_id = auth.node_id
         self.hello = Hello(auth.node_id).encode()  # validates the node id now, not per client
         self.auth = auth
@@ -67,7 +72,8 @@ class ReplicaServer:
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _ServerConnection(self), host, port, reuse_address=True
+            lambda: _ServerConnection(self), host, port, reuse_address=True, ssl=self.tls,
+            ssl_handshake_timeout=self.limits.handshake_timeout_s if self.tls else None,
         )
         self._housekeeping = loop.create_task(self._housekeep_forever())
 

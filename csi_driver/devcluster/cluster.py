@@ -51,6 +51,12 @@ def cluster_secret_path(directory: Path) -> Path:
     return Path(directory) / "credentials" / "cluster-secret"
 
 
+def tls_paths(directory: Path) -> tuple[Path, Path]:
+    """The replication TLS certificate and key (made by up(); used when tls=True)."""
+    creds = Path(directory) / "credentials"
+    return creds / "tls.crt", creds / "tls.key"
+
+
 def agent_key_paths(directory: Path) -> tuple[Path, Path]:
     """The controller's agent signing key and the nodes' public key (made by up())."""
     creds = Path(directory) / "credentials"
@@ -67,9 +73,10 @@ class _Etcd:
 def up(
     directory: Path, nodes: int, pool_size_bytes: int, *, lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
     use_netns: bool | None = None, timeout_s: float = 60.0,
-    replace_dead_after_s: float = 300.0,
+    replace_dead_after_s: float = 300.0, tls: bool = False,
 ) -> ClusterSpec:
-    """Start a fresh cluster in directory and return once every process is ready.
+    """Start a fresh cluster in directory and return once every process is ready
+    (``tls``: replication over TLS).
 
     Anything an earlier cluster left in DIR/{etcd,sockets,pools,state} is deleted. On any
     failure everything created so far is torn down and the error re-raised.
@@ -89,7 +96,7 @@ def up(
         ledger.save()
         try:
             return _bring_up(ledger, nodes, pool_size_bytes, lease_ttl_s, with_netns, deadline,
-                             replace_dead_after_s)
+                             replace_dead_after_s, tls)
         except BaseException as e:
             for err in _teardown(directory):
                 e.add_note(f"cleanup after failed up(): {err}")
@@ -118,7 +125,7 @@ def _fresh_layout(directory: Path, nodes: int) -> None:
 
 def _bring_up(
     ledger: Ledger, nodes: int, pool_size_bytes: int, lease_ttl_s: float,
-    with_netns: bool, deadline: float, replace_dead_after_s: float = 300.0,
+    with_netns: bool, deadline: float, replace_dead_after_s: float = 300.0, tls: bool = False,
 ) -> ClusterSpec:
     names = _create_network(ledger, nodes) if with_netns else None
     etcd = _start_etcd(ledger, names, deadline)
@@ -133,7 +140,7 @@ def _bring_up(
     ctl = procs.spawn("controller", ctl_argv, directory / "logs" / "controller.log")
     ledger.record_proc(ctl)
     node_specs = [
-        _start_node(ledger, names, i, etcd, pool_size_bytes, lease_ttl_s)
+        _start_node(ledger, names, i, etcd, pool_size_bytes, lease_ttl_s, tls)
         for i in range(1, nodes + 1)
     ]
     checks = {"controller": partial(procs.csi_ready, ctl_endpoint)}
@@ -143,7 +150,7 @@ def _bring_up(
         dir=str(directory), etcd_endpoints=etcd.endpoints, etcd_host_endpoint=etcd.host_endpoint,
         etcd_prefix=DEFAULT_ETCD_PREFIX, bridge=names.bridge if names else None,
         controller=ControllerSpec(csi_endpoint=ctl_endpoint, pid=ctl.pid, log=ctl.log),
-        nodes=tuple(node_specs), lease_ttl_s=lease_ttl_s,
+        nodes=tuple(node_specs), lease_ttl_s=lease_ttl_s, replication_tls=tls,
     )
     write_spec(spec)
     return spec
@@ -200,7 +207,7 @@ def _start_etcd(ledger: Ledger, names: netns.Names | None, deadline: float) -> _
 
 def _start_node(
     ledger: Ledger, names: netns.Names | None, i: int, etcd: _Etcd, pool_size_bytes: int,
-    lease_ttl_s: float,
+    lease_ttl_s: float, tls: bool = False,
 ) -> NodeSpec:
     directory, node_id = ledger.directory, f"node-{i}"
     if names:
@@ -211,7 +218,8 @@ def _start_node(
     endpoint = f"unix://{directory / 'sockets' / f'{node_id}.sock'}"
     pool = PoolSpec(kind="file", dir=str(directory / "pools" / node_id), size_bytes=pool_size_bytes)
     state_dir = str(directory / "state" / node_id)
-    argv = (
+    cert, key = tls_paths(directory)
+    argv: tuple[str, ...] = (
         sys.executable, "-m", "csi_driver.cli", "node", "--node-id", node_id,
         "--csi-endpoint", endpoint, "--agent-listen", f"{host}:{agent_port}",
         "--replica-listen", f"{host}:{replica_port}",
@@ -220,6 +228,7 @@ def _start_node(
         "--state-dir", state_dir, "--lease-ttl", str(lease_ttl_s),
         "--cluster-secret-file", str(cluster_secret_path(directory)),
         "--agent-public-key-file", str(agent_key_paths(directory)[1]),
+        *(("--tls-cert-file", str(cert), "--tls-key-file", str(key)) if tls else ()),
     )
     ns = names.netns(i) if names else None
     prefix = netns.nsenter_prefix(ns) if ns else []

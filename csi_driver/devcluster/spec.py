@@ -72,6 +72,7 @@ class ClusterSpec:
     controller: ControllerSpec
     nodes: tuple[NodeSpec, ...]
     lease_ttl_s: float
+    replication_tls: bool = False  # replication over TLS (credentials/tls.*)
 
     def node(self, node_id: str) -> NodeSpec:
         for node in self.nodes:
@@ -114,6 +115,7 @@ def spec_from_json(raw: dict[str, Any]) -> ClusterSpec:
         controller=ControllerSpec(**raw["controller"]),
         nodes=nodes,
         lease_ttl_s=float(raw["lease_ttl_s"]),
+        replication_tls=bool(raw.get("replication_tls", False)),
     )
 
 

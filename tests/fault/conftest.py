@@ -51,7 +51,7 @@ from csi_driver.failover_io import (
 from csi_driver.state.etcd import EtcdStore
 from csi_driver.state.model import VolumeRecord
 from csi_driver.verify import VerifyReport, verify_volume
-from tests.credentials import cluster_auth
+from tests.credentials import cluster_auth, cluster_tls
 
 LEASE_TTL_S = 2.0
 POOL_BYTES = 2 << 30
@@ -66,8 +66,9 @@ def require_root_and_etcd() -> None:
         pytest.fail("/usr/bin/etcd is not installed (apt-get install etcd-server)")
 
 
-def start_cluster(directory: Path, lease_ttl_s: float) -> devcluster.ClusterSpec:
-    return devcluster.up(directory, 3, POOL_BYTES, lease_ttl_s=lease_ttl_s)
+def start_cluster(directory: Path, lease_ttl_s: float, tls: bool = False
+                  ) -> devcluster.ClusterSpec:
+    return devcluster.up(directory, 3, POOL_BYTES, lease_ttl_s=lease_ttl_s, tls=tls)
 
 
 def stop_cluster(spec: devcluster.ClusterSpec) -> None:
@@ -82,12 +83,12 @@ def stop_cluster(spec: devcluster.ClusterSpec) -> None:
 
 @contextlib.contextmanager
 def running_cluster(
-    factory: pytest.TempPathFactory, name: str, lease_ttl_s: float,
+    factory: pytest.TempPathFactory, name: str, lease_ttl_s: float, tls: bool = False,
 ) -> Iterator[devcluster.ClusterSpec]:
     require_root_and_etcd()
     directory = factory.mktemp(name)
     try:
-        spec = start_cluster(directory, lease_ttl_s)
+        spec = start_cluster(directory, lease_ttl_s, tls)
     except BaseException:
         devcluster.down(directory)
         raise
@@ -181,7 +182,8 @@ class Fault:
         return None
 
     def verify(self, volume_id: str) -> VerifyReport:
-        return run_store(self.spec, lambda s: verify_volume(s, volume_id, cluster_auth(self.dir)))
+        return run_store(self.spec, lambda s: verify_volume(
+            s, volume_id, cluster_auth(self.dir), cluster_tls(self.dir)))
 
     def kill(self, node_id: str, mode: devcluster.KillMode = "sigkill") -> None:
         devcluster.kill_node(self.dir, node_id, mode)

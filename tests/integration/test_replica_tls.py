@@ -1,0 +1,105 @@
+"""Replication over TLS (issue 11): data intact through the encrypted channel, and a peer
+without the cluster certificate (or with it but without the secret) gets nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import uvloop
+
+from csi_driver.credentials import write_credentials
+from replication.errors import ReplicaUnavailableError
+from replication.messages import WriteBatch
+from replication.peer_tls import PeerTls, TlsConfigError, load_peer_tls
+from replication.pool.file import FilePool
+from replication.replica_client import ReplicaClient, expect_ok
+from replication.replica_server import ReplicaServer
+from tests.credentials import auth
+
+pytestmark = pytest.mark.integration
+MIB = 1 << 20
+_T = TypeVar("_T")
+
+
+def run(coro: Coroutine[Any, Any, _T]) -> _T:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def cluster_tls(directory: Path) -> PeerTls:
+    write_credentials(directory)
+    return load_peer_tls(directory / "tls.crt", directory / "tls.key")
+
+
+async def serving(tmp_path: Path, tls: ssl.SSLContext) -> ReplicaServer:
+    pool = FilePool(tmp_path / "pool", 1 << 30)
+    pool.create("vol-t", 64 * MIB)
+    server = ReplicaServer(pool, tmp_path / "meta", auth("node-b"), tls=tls)
+    await server.start("127.0.0.1", 0)
+    return server
+
+
+def test_data_crosses_the_encrypted_channel_intact(tmp_path: Path) -> None:
+    tls = cluster_tls(tmp_path / "creds")
+
+    async def body() -> None:
+        server = await serving(tmp_path, tls.server)
+        client = await ReplicaClient.connect("127.0.0.1", server.port, auth("node-a"),
+                                             tls=tls.client)
+        try:
+            assert client.node_id == "node-b"
+            expect_ok(await client.fence("vol-t", 1))
+            big, small = os.urandom(MIB), os.urandom(4096)
+            batch = WriteBatch.build([(8 * MIB + i * 4096, os.urandom(4096)) for i in range(64)])
+            results = await asyncio.gather(
+                client.write("vol-t", 1, 0, big), client.write("vol-t", 1, 2 * MIB, small),
+                client.write_batch("vol-t", 1, batch))
+            for r in results:
+                expect_ok(r)
+            expect_ok(await client.flush("vol-t", 1))
+            assert bytes(expect_ok(await client.read("vol-t", 1, 0, MIB)).payload) == big
+            assert bytes(expect_ok(await client.read("vol-t", 1, 2 * MIB, 4096)).payload) == small
+        finally:
+            client.close()
+            await server.close()
+        image = (tmp_path / "pool" / "vol-t.img").read_bytes()
+        assert image[:MIB] == big  # what the replica stored, not ciphertext
+
+    run(body())
+
+
+def test_peers_without_the_cluster_certificate_get_nothing(tmp_path: Path) -> None:
+    tls = cluster_tls(tmp_path / "creds")
+    other = cluster_tls(tmp_path / "other")  # another cluster's credentials
+
+    async def body() -> None:
+        server = await serving(tmp_path, tls.server)
+        try:
+            with pytest.raises(ReplicaUnavailableError):  # plain text to a TLS port
+                await ReplicaClient.connect("127.0.0.1", server.port, auth("node-a"),
+                                            connect_timeout_s=2.0)
+            with pytest.raises(ReplicaUnavailableError):  # a certificate it does not trust
+                await ReplicaClient.connect("127.0.0.1", server.port, auth("node-a"),
+                                            tls=other.client, connect_timeout_s=2.0)
+            with pytest.raises(ReplicaUnavailableError, match="failed to authenticate"):
+                await ReplicaClient.connect(  # the certificate, but not the secret
+                    "127.0.0.1", server.port, auth("node-a", b"w" * 32), tls=tls.client)
+            assert not server.connections or all(not c.authenticated for c in
+                                                 server.connections)
+        finally:
+            await server.close()
+
+    run(body())
+
+
+def test_a_tls_key_readable_by_others_is_refused(tmp_path: Path) -> None:
+    cluster_tls(tmp_path / "creds")
+    (tmp_path / "creds" / "tls.key").chmod(0o644)
+    with pytest.raises(TlsConfigError, match="group or others"):
+        load_peer_tls(tmp_path / "creds" / "tls.crt", tmp_path / "creds" / "tls.key")
