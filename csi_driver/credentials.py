@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import os
 from pathlib import Path
 
 from csi_driver.agent_auth import generate_key_pair
@@ -40,7 +41,10 @@ def new_tls_pair() -> tuple[bytes, bytes]:
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tandem-replication")])
+    # A name of its own: while rotating, nodes trust two of these certificates, and OpenSSL
+    # finds a trust anchor by its subject name (two alike: the second never verifies).
+    cn = f"tandem-replication-{os.urandom(6).hex()}"
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder().subject_name(name).issuer_name(name)

@@ -103,3 +103,41 @@ def test_a_tls_key_readable_by_others_is_refused(tmp_path: Path) -> None:
     (tmp_path / "creds" / "tls.key").chmod(0o644)
     with pytest.raises(TlsConfigError, match="group or others"):
         load_peer_tls(tmp_path / "creds" / "tls.crt", tmp_path / "creds" / "tls.key")
+
+
+def test_rotation_nodes_one_step_apart_understand_each_other(tmp_path: Path) -> None:
+    """docs/security.md's TLS rotation: trust both certificates, then present the new one,
+    then drop the old one; nodes one step apart connect both ways."""
+    for name in ("old", "new"):
+        write_credentials(tmp_path / name)
+    pem = {n: (tmp_path / n / "tls.crt").read_text() for n in ("old", "new")}
+
+    def step(present: str, trust: list[str], where: str) -> PeerTls:
+        d = tmp_path / where
+        d.mkdir()
+        (d / "tls.crt").write_text("".join(pem[n] for n in [present, *trust]))
+        key = d / "tls.key"
+        key.write_bytes((tmp_path / present / "tls.key").read_bytes())
+        key.chmod(0o600)
+        return load_peer_tls(d / "tls.crt", key)
+
+    steps = [step("old", [], "s0"), step("old", ["new"], "s1"), step("new", ["old"], "s2"),
+             step("new", [], "s3")]
+
+    async def connects(server_tls: PeerTls, client_tls: PeerTls, where: Path) -> None:
+        server = await serving(where, server_tls.server)
+        try:
+            client = await ReplicaClient.connect("127.0.0.1", server.port, auth("node-a"),
+                                                 tls=client_tls.client)
+            client.close()
+        finally:
+            await server.close()
+
+    async def body() -> None:
+        for i in range(3):
+            for a, b in ((steps[i], steps[i + 1]), (steps[i + 1], steps[i])):
+                await connects(a, b, tmp_path / f"run-{i}-{id(a)}")
+        with pytest.raises(ReplicaUnavailableError):  # the ends of the rotation do not
+            await connects(steps[0], steps[3], tmp_path / "run-ends")
+
+    run(body())
