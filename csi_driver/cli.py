@@ -64,6 +64,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
         node_down_grace_s=args.node_down_grace,
         node_down_max_fraction=args.node_down_max_fraction,
         kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
+        kube_api_server=args.kube_api_server,
     )
     load_signer(config.agent_key_file)  # bad credentials: exit 2 now
     _run(run_controller(config))
@@ -136,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "look dead (likely an etcd or network problem)")
     ctl.add_argument("--kubeconfig", metavar="PATH",
                      help="kubeconfig for the responder (default: in-cluster service account)")
+    ctl.add_argument("--kube-api-server", metavar="URL", type=cfg.api_server_url,
+                     help="the API server's address for the responder, e.g. "
+                     "https://10.0.0.1:6443, where the Service address would need kube-proxy")
     ctl.set_defaults(func=cmd_controller)
 
     node = sub.add_parser("node", help="run the CSI node plugin on this node")

@@ -57,6 +57,22 @@ def check_lease_ttl(value: float) -> None:
                           f"(etcd leases are), got {value}")
 
 
+def api_server_url(text: str) -> str:
+    """An API server URL: https:// (or http://) host[:port], nothing after it."""
+    from urllib.parse import urlsplit
+
+    try:
+        url = urlsplit(text)
+        url.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        url = urlsplit("")
+    if url.scheme not in ("https", "http") or not url.hostname or url.path not in ("", "/") \
+            or url.query or url.fragment:
+        raise argparse.ArgumentTypeError(f"not an API server URL: {text!r} "
+                                         "(expected https://HOST[:PORT])")
+    return text.rstrip("/")
+
+
 def parse_size(text: str) -> int:
     """'512M', '2G', '4096', '1GiB' -> bytes (binary units)."""
     match = _SIZE_RE.match(text)
@@ -115,6 +131,7 @@ class ControllerConfig:
     node_down_grace_s: float = DEFAULT_NODE_DOWN_GRACE_S
     node_down_max_fraction: float = DEFAULT_NODE_DOWN_MAX_FRACTION
     kubeconfig: Path | None = None
+    kube_api_server: str | None = None  # overrides the API address (no kube-proxy)
 
     def __post_init__(self) -> None:
         if not 1 <= self.default_replicas <= 5:

@@ -64,8 +64,10 @@ class KubeConflictError(RuntimeError):
     """A Node kept changing under our read-modify-write."""
 
 
-def connect(kubeconfig: Path | None) -> KubeApi:
-    """A client from the in-cluster service account, or from ``kubeconfig``.
+def connect(kubeconfig: Path | None, api_server: str | None = None) -> KubeApi:
+    """A client from the in-cluster service account, or from ``kubeconfig``; ``api_server``
+    replaces the API address either gives (the Service address needs kube-proxy, which a
+    cluster may lack: the sidecars have the same override).
 
     Raises ConfigError (exit 2) if the ``kubernetes`` package is missing or no
     configuration can be loaded.
@@ -85,7 +87,12 @@ def connect(kubeconfig: Path | None) -> KubeApi:
     except (config.ConfigException, OSError, ValueError) as exc:
         where = f"--kubeconfig {kubeconfig}" if kubeconfig else "the in-cluster service account"
         raise ConfigError(f"--node-down-responder: cannot load {where}: {exc}") from exc
-    return KubeApi(client.CoreV1Api(), client.CoordinationV1Api())
+    if api_server is None:
+        return KubeApi(client.CoreV1Api(), client.CoordinationV1Api())
+    settings = client.Configuration.get_default_copy()
+    settings.host = api_server
+    api = client.ApiClient(settings)
+    return KubeApi(client.CoreV1Api(api), client.CoordinationV1Api(api))
 
 
 def _models() -> Any:

@@ -76,7 +76,8 @@ async def _wait_for_signal() -> None:
 
 async def run_controller(config: ControllerConfig) -> None:
     # First, so a missing package or Kubernetes config stops us before we serve (exit 2).
-    kube = connect(config.kubeconfig) if config.node_down_mode != "off" else None
+    kube = (connect(config.kubeconfig, config.kube_api_server)
+            if config.node_down_mode != "off" else None)
     store = EtcdStore(list(config.etcd.endpoints), prefix=config.etcd.prefix)
     agents = AgentClients(config.agent_timeout_s, load_signer(config.agent_key_file))
     locks = VolumeLocks()

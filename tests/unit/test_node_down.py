@@ -19,6 +19,7 @@ from csi_driver import cli
 from csi_driver import config as cfg
 from csi_driver import node_down as nd
 from csi_driver.credentials import write_credentials
+from csi_driver.kube_api import connect
 from csi_driver.node_down import (
     ApplyTaint,
     DeletePods,
@@ -741,3 +742,31 @@ def test_missing_kubernetes_package_exits_2(
     assert cli.main([*base, "--node-down-responder", "taint"]) == 2
     err = capsys.readouterr().err
     assert "kubernetes" in err and "pip install" in err
+
+
+@pytest.mark.parametrize("url", ["https://10.0.0.1:6443", "https://api.example:443/",
+                                 "http://127.0.0.1:8080"])
+def test_kube_api_server_override_reaches_the_client(url: str, tmp_path: Path) -> None:
+    """Issue 12 #3: without kube-proxy the Service address from the service account is
+    unreachable; --kube-api-server replaces it, as the sidecars allow."""
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        "clusters: [{name: k, cluster: {server: 'https://kubernetes.default.svc'}}]\n"
+        "users: [{name: u, user: {token: t}}]\n"
+        "contexts: [{name: c, context: {cluster: k, user: u}}]\n")
+    api = connect(kubeconfig, cfg.api_server_url(url))
+    assert api._core.api_client.configuration.host == url.rstrip("/")
+    assert api._coordination.api_client.configuration.host == url.rstrip("/")
+    plain = connect(kubeconfig)
+    assert plain._core.api_client.configuration.host == "https://kubernetes.default.svc"
+
+
+@pytest.mark.parametrize("url", ["10.0.0.1:6443", "ftp://x", "https://", "https://h/path",
+                                 "https://h:99999", "https://h?x=1"])
+def test_bad_kube_api_server_exits_2(url: str, base: list[str],
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*base, "--kube-api-server", url])
+    assert exc.value.code == 2
+    assert "--kube-api-server" in capsys.readouterr().err
