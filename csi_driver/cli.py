@@ -94,6 +94,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         hold_io_s=args.hold_io_timeout,
         tls_cert_file=Path(args.tls_cert_file) if args.tls_cert_file else None,
         tls_key_file=Path(args.tls_key_file) if args.tls_key_file else None,
+        health_listen=(cfg.parse_host_port(args.health_listen, "--health-listen")
+                       if args.health_listen else None),
     )
     # Bad credentials: exit 2 now with one line, not a traceback from the daemon.
     load_secret(config.cluster_secret_file)
@@ -169,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--tls-cert-file", help="encrypt replication with TLS: the cluster's "
                       "tls.crt (every node alike; docs/security.md for the cost)")
     node.add_argument("--tls-key-file", help="the cluster's tls.key, mode 0600")
+    node.add_argument("--health-listen", metavar="HOST:PORT",
+                      help="serve GET /readyz here: 200 while the node lease is renewed and "
+                      "the pool answers, else 503 and why (a readinessProbe)")
     node.set_defaults(func=cmd_node)
 
     from csi_driver import cli_tools

@@ -170,6 +170,7 @@ class NodeConfig:
     # Replication over TLS (replication.peer_tls): both or neither; every node alike.
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    health_listen: tuple[str, int] | None = None  # GET /readyz (csi_driver.health)
 
     def __post_init__(self) -> None:
         if not _NODE_ID_RE.match(self.node_id):

@@ -15,12 +15,19 @@ import time
 from collections.abc import Callable
 
 from csi_driver.config import TOPOLOGY_KEY, NodeConfig
+from csi_driver.health import readiness
 from csi_driver.state import errors as store_errors
 from csi_driver.state.model import NodeRecord
 from csi_driver.state.store import Store
 from replication.pool.base import Pool
 
 log = logging.getLogger(__name__)
+
+POOL_CHECK_S = 10.0
+
+
+class _PoolUnusable(Exception):
+    """The pool's capacity could not be read."""
 
 
 class Membership:
@@ -34,12 +41,25 @@ class Membership:
         self._lease: int | None = None
         self._dirty = asyncio.Event()
         self.last_renewed = 0.0
+        self.pool_error: str | None = None  # the last capacity check's failure
+        self._pool_checked = 0.0
 
     def capacity_changed(self) -> None:
         self._dirty.set()
 
+    def readiness(self) -> str | None:
+        """None when this node is fit to take volumes (``health.readiness``)."""
+        renewed = self.last_renewed if self._lease is not None else None
+        return readiness(time.monotonic(), renewed, self._config.lease_ttl_s, self.pool_error)
+
     async def _record(self) -> NodeRecord:
-        capacity = await asyncio.to_thread(self._pool.capacity)
+        self._pool_checked = time.monotonic()
+        try:
+            capacity = await asyncio.to_thread(self._pool.capacity)
+        except Exception as exc:  # the lease is renewed regardless: the node is alive
+            self.pool_error = str(exc) or type(exc).__name__
+            raise _PoolUnusable(self.pool_error) from exc
+        self.pool_error = None
         return NodeRecord(
             node_id=self._config.node_id,
             agent_address=self._config.agent_address,
@@ -72,9 +92,13 @@ class Membership:
                 sent = time.monotonic()
                 await self._store.keep_alive_once(self._lease)
                 self.last_renewed = sent
+                if time.monotonic() - self._pool_checked >= POOL_CHECK_S:
+                    self._dirty.set()  # a fresh capacity, and proof the pool still answers
                 if self._dirty.is_set():
                     self._dirty.clear()
                     await self._store.put_node(await self._record(), self._lease)
+            except _PoolUnusable as exc:
+                log.warning("node=%s pool check failed: %s", self._config.node_id, exc)
             except store_errors.LeaseExpiredError:
                 log.warning("node=%s lease expired; registering again", self._config.node_id)
                 self._lease = None

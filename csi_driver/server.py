@@ -28,6 +28,7 @@ from csi_driver.agent_auth import (
 from csi_driver.attach import choose_attacher
 from csi_driver.config import ControllerConfig, NodeConfig
 from csi_driver.controller import ControllerServicer
+from csi_driver.health import HealthServer
 from csi_driver.identity import IdentityServicer
 from csi_driver.kube_api import NodeDownResponder, connect
 from csi_driver.locks import VolumeLocks
@@ -209,6 +210,9 @@ async def run_node(config: NodeConfig) -> None:
     os.chmod(config.csi_socket, 0o600)
     log.info("node=%s serving csi=%s agent=%s", config.node_id, config.csi_socket,
              config.agent_address)
+    health = HealthServer(membership.readiness)
+    if config.health_listen is not None:
+        await health.start(*config.health_listen)
     renewer = asyncio.create_task(membership.run())
     sweeper = asyncio.create_task(_sweep_forever(store, pool, config.node_id, replicas.forget))
     try:
@@ -222,5 +226,6 @@ async def run_node(config: NodeConfig) -> None:
         await csi_server.stop(grace=2)
         await agent_server.stop(grace=2)
         await replicas.close()
+        await health.close()
         await membership.leave()
         await store.close()

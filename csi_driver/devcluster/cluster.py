@@ -40,6 +40,7 @@ from csi_driver.devcluster.spec import (
 
 AGENT_PORT = 7001
 REPLICA_PORT = 7002
+HEALTH_PORT = 9810
 STOP_GRACE_S = 10.0
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
@@ -212,9 +213,10 @@ def _start_node(
     directory, node_id = ledger.directory, f"node-{i}"
     if names:
         host, agent_port, replica_port = names.node_ip(i), AGENT_PORT, REPLICA_PORT
+        health_port = HEALTH_PORT
     else:
         host = "127.0.0.1"
-        agent_port, replica_port = _distinct_ports(host, 2)
+        agent_port, replica_port, health_port = _distinct_ports(host, 3)
     endpoint = f"unix://{directory / 'sockets' / f'{node_id}.sock'}"
     pool = PoolSpec(kind="file", dir=str(directory / "pools" / node_id), size_bytes=pool_size_bytes)
     state_dir = str(directory / "state" / node_id)
@@ -228,6 +230,7 @@ def _start_node(
         "--state-dir", state_dir, "--lease-ttl", str(lease_ttl_s),
         "--cluster-secret-file", str(cluster_secret_path(directory)),
         "--agent-public-key-file", str(agent_key_paths(directory)[1]),
+        "--health-listen", f"{host}:{health_port}",
         *(("--tls-cert-file", str(cert), "--tls-key-file", str(key)) if tls else ()),
     )
     ns = names.netns(i) if names else None
@@ -238,7 +241,7 @@ def _start_node(
     return NodeSpec(
         id=node_id, csi_endpoint=endpoint, agent_address=f"{host}:{agent_port}",
         replica_address=f"{host}:{replica_port}", netns=ns, pool=pool, state_dir=state_dir,
-        pid=rec.pid, log=str(log), argv=argv,
+        pid=rec.pid, log=str(log), argv=argv, health_address=f"{host}:{health_port}",
     )
 
 

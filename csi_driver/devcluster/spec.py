@@ -60,6 +60,7 @@ class NodeSpec:
     log: str
     # The node's own command line (without the nsenter prefix), reused by revive_node().
     argv: tuple[str, ...]
+    health_address: str = ""  # GET /readyz (HOST:PORT)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ def spec_from_json(raw: dict[str, Any]) -> ClusterSpec:
             pid=int(n["pid"]),
             log=n["log"],
             argv=tuple(n["argv"]),
+            health_address=n.get("health_address", ""),
         )
         for n in raw["nodes"]
     )

@@ -6,6 +6,7 @@ mocked. Each test fails on 7f5cc85 (see the docstrings).
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -112,3 +113,32 @@ def test_etcd_outage_holds_io_and_heals_without_restage(fault_ttl5: Fault) -> No
     wait_condition(fault, node, vid, str(device), abnormal=False)
     assert_clean(device, log)
     assert_replicas_match(fault.spec, vid, device)
+
+
+def _readyz(address: str) -> tuple[int, str]:
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: n\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body.decode().strip()
+
+
+def test_readiness_follows_etcd(fault: Fault) -> None:
+    """Issue 12 #4: the readiness probe always answered ready. A node that cannot renew its
+    lease (etcd down) takes no new volumes: /readyz says 503 and why, and 200 once etcd is
+    back. (Liveness stays up: the process is fine, and a restart would help nothing.)"""
+    node = fault.spec.nodes[0]
+    assert _readyz(node.health_address) == (200, "ready")
+    fault.stop_etcd()
+    deadline = time.monotonic() + 15
+    while (answer := _readyz(node.health_address))[0] == 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert answer[0] == 503 and "not renewed" in answer[1], answer
+    fault.start_etcd()
+    deadline = time.monotonic() + 30
+    while (answer := _readyz(node.health_address))[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert answer == (200, "ready")

@@ -532,12 +532,13 @@ def test_node_daemonset_is_privileged_on_the_host_network(
     ]
     tandem = _container(pod, "tandem")
     assert tandem["securityContext"]["privileged"] is True
-    assert _argv(tandem)[:18] == [
+    assert _argv(tandem)[:20] == [
         "tandem", "node", "--node-id", "$(NODE_NAME)", "--csi-endpoint", "unix:///csi/csi.sock",
         "--agent-listen", "$(POD_IP):7001", "--replica-listen", "$(POD_IP):7002",
         "--etcd-endpoints", "$(ETCD_ENDPOINTS)", "--state-dir", "/var/lib/tandem",
         "--cluster-secret-file", "/etc/tandem/credentials/cluster-secret",
         "--agent-public-key-file", "/etc/tandem/credentials/agent.pub",
+        "--health-listen", "$(POD_IP):9810",
     ]
     (creds,) = [v for v in pod["volumes"] if v["name"] == "credentials"]
     assert creds["secret"] == {"secretName": "tandem-credentials", "defaultMode": 0o400}
@@ -545,7 +546,7 @@ def test_node_daemonset_is_privileged_on_the_host_network(
     assert mount == {"name": "credentials", "mountPath": "/etc/tandem/credentials",
                      "readOnly": True}
     assert tandem["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
-    assert tandem["readinessProbe"]["tcpSocket"] == {"port": "agent"}
+    assert tandem["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "readyz"}
     for c in pod["containers"]:
         resources = c["resources"]
         assert {"cpu", "memory"} <= set(resources["requests"]), c["name"]
@@ -601,6 +602,7 @@ def test_overlay_pool(
         assert config.pool_size == 10 * 1024**3
     assert config.node_id == "node-a"
     assert config.agent_address == "10.0.0.1:7001"
+    assert config.health_listen == ("10.0.0.1", 9810)  # the readinessProbe's port
 
 
 def test_minikube_etcd_volumes_are_node_local(rendered: dict[str, list[Doc]]) -> None:
