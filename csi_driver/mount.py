@@ -108,10 +108,47 @@ async def unmount(target: str) -> None:
 
 
 async def grow_filesystem(device: str, mount_point: str, fs_type: str) -> None:
+    """Grow a mounted filesystem to its device. ext4 online needs CAP_SYS_RESOURCE, which
+    some nodes lack: ext4 is grown offline at stage (``grow_ext4_offline``) instead."""
     if fs_type == "xfs":
         await run_async(["xfs_growfs", mount_point], timeout=300)
     else:
         await run_async(["resize2fs", device], timeout=300)
+
+
+async def ext4_size_bytes(device: str) -> int:
+    """The size the ext4 filesystem on ``device`` spans (its superblock, ``dumpe2fs -h``)."""
+    result = await run_async(["dumpe2fs", "-h", device], timeout=60)
+    fields = dict(line.split(":", 1) for line in result.stdout.splitlines() if ":" in line)
+    try:
+        return int(fields["Block count"]) * int(fields["Block size"])
+    except (KeyError, ValueError) as exc:
+        raise CommandError(result.argv, 0, f"no block count in dumpe2fs output: {exc}") from exc
+
+
+async def filesystem_fills(device: str, fs_type: str, device_size: int) -> bool:
+    """Whether the filesystem already spans the device (nothing to grow)."""
+    if fs_type != "ext4":
+        return False  # xfs_growfs is a no-op when there is nothing to grow
+    return await ext4_size_bytes(device) >= device_size
+
+
+async def grow_ext4_to_device(device: str) -> tuple[int, int] | None:
+    """Grow an unmounted ext4 that is smaller than its device: (old, new) size, or None."""
+    fs_size, dev_size = await ext4_size_bytes(device), await block_size_bytes(device)
+    if fs_size >= dev_size:
+        return None
+    await grow_ext4_offline(device)
+    return fs_size, dev_size
+
+
+async def grow_ext4_offline(device: str) -> None:
+    """Grow an unmounted ext4 to its device: resize2fs wants a fresh check first, and
+    offline it needs no capability beyond opening the device."""
+    check = await run_async(["e2fsck", "-f", "-p", device], check=False, timeout=1800)
+    if check.returncode >= 4:  # 1 and 2: errors were corrected
+        raise CommandError(check.argv, check.returncode, check.stderr or check.stdout)
+    await run_async(["resize2fs", device], timeout=1800)
 
 
 async def block_size_bytes(device: str) -> int:

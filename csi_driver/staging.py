@@ -27,6 +27,7 @@ from csi_driver.loop import LoopAttacher
 from csi_driver.node_paths import CreatedPaths, write_durably
 from csi_driver.ownership import Ownership
 from csi_driver.targets import TargetProcesses
+from replication.command import CommandError
 from replication.errors import ReplicationError
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,15 @@ class StagingService:
             raise errors.FailedPreconditionError(
                 f"the volume holds a {found} filesystem, not {fs_type}"
             )
+        elif found == "ext4":  # expanded while unstaged (OFFLINE expansion): grow it now
+            try:
+                grown = await mount.grow_ext4_to_device(device)
+            except CommandError as exc:
+                raise errors.FailedPreconditionError(
+                    f"growing the ext4 filesystem of {volume_id} failed: {exc}") from exc
+            if grown:
+                log.info("volume=%s node=%s ext4 grown from %d to %d bytes before mounting",
+                         volume_id, self._node_id, *grown)
         self._paths.make_dir(volume_id, staging_path)
         self._paths.will_mount(volume_id, staging_path)
         await mount.mount(device, staging_path, fs_type, mount_flags)
@@ -351,9 +361,16 @@ class StagingService:
         size = await mount.block_size_bytes(staged.device)
         if limit_bytes and size > limit_bytes:
             raise errors.OutOfRangeError(f"volume is {size} bytes, above limit_bytes {limit_bytes}")
-        if staged.access_type == "mount":
-            await mount.grow_filesystem(staged.device, staged.staging_path, staged.fs_type)
+        if staged.access_type == "mount" and not await mount.filesystem_fills(
+                staged.device, staged.fs_type, size):
+            try:
+                await mount.grow_filesystem(staged.device, staged.staging_path, staged.fs_type)
+            except CommandError as exc:  # an expected failure: one clear line, no traceback
+                raise errors.FailedPreconditionError(
+                    f"growing the mounted {staged.fs_type} filesystem of {volume_id} failed "
+                    f"({exc}); it grows at its next stage") from exc
         return await mount.block_size_bytes(staged.device)
+
 
 
 def _foreign_mount(
