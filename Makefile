@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEMO_DIR ?= /tmp/tandem-demo
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv proto test unit lint demo bench-controller image clean
+.PHONY: all deps venv proto test unit lint demo bench-controller fuzz image clean
 
 all: test
 
@@ -25,10 +25,11 @@ proto: venv
 	$(PY) proto/generate.py
 
 lint: proto
-	$(VENV)/bin/ruff check csi_driver replication tests bench proto
+	$(VENV)/bin/ruff check csi_driver replication tests bench proto fuzz
 	$(VENV)/bin/mypy csi_driver replication
 
 test: deps proto lint
+	bash scripts/ensure-kubectl.sh $(VENV)
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 unit: proto
@@ -36,6 +37,14 @@ unit: proto
 
 demo: deps proto
 	$(PY) -m csi_driver.demo --dir $(DEMO_DIR)
+
+# Coverage-guided fuzzing (atheris); new corpus entries land in fuzz/corpus/ and `make test`
+# replays them. FUZZ_SECONDS per target.
+FUZZ_SECONDS ?= 300
+fuzz: proto
+	$(VENV)/bin/pip install -q atheris
+	for t in replication_server replication_client handshake nbd_server; do \
+		$(PY) -m fuzz.run --target $$t --seconds $(FUZZ_SECONDS) || exit 1; done
 
 bench-controller: deps proto
 	$(PY) bench/bench_controller.py --dir /tmp/tandem-bench-controller
