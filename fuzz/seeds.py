@@ -35,17 +35,21 @@ def _authenticated_stream() -> tuple[bytes, bytes]:
 
 
 def _nbd_session() -> bytes:
+    """A client's side of a fixed-newstyle handshake (GO with a block-size request), then
+    one of each request and a disconnect."""
     name = b"vol"
-    go = struct.pack(">H", 0) + name + struct.pack(">H", 1) + struct.pack(">H", 3)
+    go = struct.pack(">I", len(name)) + name + struct.pack(">HH", 1, nbd.INFO_BLOCK_SIZE)
     out = struct.pack(">I", nbd.FLAG_C_FIXED_NEWSTYLE | nbd.FLAG_C_NO_ZEROES)
-    out += struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_GO, len(go) + 4 - 4) + \
-        struct.pack(">I", len(name)) + name + struct.pack(">H", 1) + struct.pack(">H", 3)
+    out += struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_LIST, 0)
+    out += struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_GO, len(go)) + go
     req = struct.Struct(">IHHQQI")
     out += req.pack(nbd.REQUEST_MAGIC, 0, nbd.CMD_WRITE, 1, 0, 4096) + b"w" * 4096
-    out += req.pack(nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, 2, 4096, 4096)
-    out += req.pack(nbd.REQUEST_MAGIC, 0, nbd.CMD_FLUSH, 3, 0, 0)
-    out += req.pack(nbd.REQUEST_MAGIC, 0, nbd.CMD_TRIM, 4, 0, 4096)
-    out += req.pack(nbd.REQUEST_MAGIC, 0, nbd.CMD_DISC, 5, 0, 0)
+    out += req.pack(nbd.REQUEST_MAGIC, nbd.CMD_FLAG_FUA, nbd.CMD_WRITE, 2, 8192, 512) + b"v" * 512
+    out += req.pack(nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, 3, 4096, 4096)
+    out += req.pack(nbd.REQUEST_MAGIC, 0, nbd.CMD_FLUSH, 4, 0, 0)
+    out += req.pack(nbd.REQUEST_MAGIC, 0, nbd.CMD_TRIM, 5, 0, 4096)
+    out += req.pack(nbd.REQUEST_MAGIC, nbd.CMD_FLAG_NO_HOLE, nbd.CMD_WRITE_ZEROES, 6, 0, 4096)
+    out += req.pack(nbd.REQUEST_MAGIC, 0, nbd.CMD_DISC, 7, 0, 0)
     return b"\x3c" + out
 
 
