@@ -33,7 +33,7 @@ def main() -> int:
     parser.add_argument("--merge", action="store_true",
                         help="minimise the corpus instead of fuzzing")
     args = parser.parse_args()
-    import atheris
+    import atheris  # type: ignore[import-untyped]
 
     with atheris.instrument_imports():
         from fuzz.targets import TARGETS

