@@ -25,11 +25,14 @@ class InvalidTokenError(OperationPendingError):
 
 
 def _volume(record: VolumeRecord) -> csi_pb2.Volume:
+    # accessibility "any": no topology, so the PV gets no node affinity (CSI: equally
+    # accessible from every node) and its pod can land where its replicas no longer are.
+    anywhere = dict(record.parameters).get("accessibility") == "any"
     return csi_pb2.Volume(
         volume_id=record.volume_id,
         capacity_bytes=record.size_bytes,
         volume_context={"fsType": record.fs_type, "replicas": str(len(record.replicas))},
-        accessible_topology=[
+        accessible_topology=[] if anywhere else [
             csi_pb2.Topology(segments={TOPOLOGY_KEY: n}) for n in record.replica_nodes()
         ],
     )

@@ -52,11 +52,18 @@ NAME_MAX = 255
 _SHOWN_CHARS = 64
 
 
+# Where a volume may be staged: "replicas" (its replica nodes: local reads, direct local
+# writes) or "any" node (reads and writes over the network; the pod is never stuck on nodes
+# that are gone after the reconciler moved its replicas). The PV's node affinity says it.
+ACCESSIBILITY = ("replicas", "any")
+
+
 @dataclass(frozen=True)
 class VolumeParameters:
     replicas: int
     fs_type: str
     min_in_sync: int = 1
+    accessibility: str = "replicas"
 
 
 def shown(value: str) -> str:
@@ -211,6 +218,7 @@ def parse_parameters(params: Mapping[str, str], default_replicas: int) -> Volume
     replicas = default_replicas
     fs_type = "ext4"
     min_in_sync: str | None = None
+    accessibility = "replicas"
     for key, value in params.items():
         if key.startswith(_K8S_PARAMETER_PREFIX) and key != "csi.storage.k8s.io/fstype":
             continue
@@ -218,16 +226,23 @@ def parse_parameters(params: Mapping[str, str], default_replicas: int) -> Volume
             replicas = ascii_int(key, value, 1, MAX_REPLICAS)
         elif key == "minInSync":
             min_in_sync = value  # its bound is replicas, which may come later in the map
+        elif key == "accessibility":
+            if value not in ACCESSIBILITY:
+                raise InvalidArgumentError(f"parameter accessibility {shown(value)}: expected "
+                                           "'replicas' (default) or 'any'")
+            accessibility = value
         elif key in ("fsType", "csi.storage.k8s.io/fstype"):
             if value not in SUPPORTED_FS_TYPES:
                 raise InvalidArgumentError(f"parameter fsType {shown(value)} is not supported")
             fs_type = value
         else:
             raise InvalidArgumentError(
-                f"unknown parameter {shown(key)} (known: replicas, minInSync, fsType)"
+                f"unknown parameter {shown(key)} "
+                "(known: replicas, minInSync, accessibility, fsType)"
             )
     at_least = 1 if min_in_sync is None else ascii_int("minInSync", min_in_sync, 1, replicas)
-    return VolumeParameters(replicas=replicas, fs_type=fs_type, min_in_sync=at_least)
+    return VolumeParameters(replicas=replicas, fs_type=fs_type, min_in_sync=at_least,
+                            accessibility=accessibility)
 
 
 def topologies(items: Iterable[csi_pb2.Topology]) -> list[dict[str, str]]:

@@ -327,3 +327,34 @@ def test_a_created_small_xfs_volume_is_usable(cluster: Cluster, workdir: Path) -
     finally:
         cluster.controller.controller.DeleteVolume(
             csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id))
+
+
+# -- accessibility (issue 12) ----------------------------------------------------------------
+
+
+def test_accessibility_any_stages_on_a_node_without_a_replica(
+    cluster: Cluster, workdir: Path
+) -> None:
+    """StorageClass parameter accessibility=any: no topology (so no PV node affinity), and
+    a node holding no replica stages the volume, reading and writing over the network. A
+    pod whose replicas all moved elsewhere is never stuck on nodes that are gone."""
+    cap = mount_capability()
+    request = create_request(size=32 * MIB, caps=[cap], replicas=1,
+                             parameters={"accessibility": "any"})
+    with created_volume(cluster.controller, request) as volume:
+        assert list(volume.accessible_topology) == []
+        vid = volume.volume_id
+        (holder,) = [n for n in cluster.node_ids if (
+            Path(cluster.spec.node(n).pool.dir) / f"{vid}.img").exists()]
+        stranger = next(n for n in cluster.node_ids if n != holder)
+        payload = os.urandom(MIB)
+        for node_id, tag in ((stranger, "remote"), (holder, "local")):
+            node = cluster.node(node_id)
+            staging, target = workdir / f"{tag}-staging", workdir / f"{tag}-pod" / "mnt"
+            with staged(node, vid, staging, cap), published(node, vid, staging, target, cap):
+                if tag == "remote":
+                    (target / "written-remotely").write_bytes(payload)
+                else:
+                    assert (target / "written-remotely").read_bytes() == payload
+    with created_volume(cluster.controller, create_request(replicas=1)) as default:
+        assert len(default.accessible_topology) == 1  # the default stays "replicas"

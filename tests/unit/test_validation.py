@@ -100,6 +100,13 @@ def test_min_in_sync(params: dict[str, str], default_replicas: int, expected: in
     assert v.parse_parameters(params, default_replicas).min_in_sync == expected
 
 
+@pytest.mark.parametrize(("value", "expected"), [(None, "replicas"), ("replicas", "replicas"),
+                                               ("any", "any")])
+def test_accessibility(value: str | None, expected: str) -> None:
+    params = {} if value is None else {"accessibility": value}
+    assert v.parse_parameters(params, 3).accessibility == expected
+
+
 @pytest.mark.parametrize(
     "params",
     [
@@ -114,6 +121,7 @@ def test_min_in_sync(params: dict[str, str], default_replicas: int, expected: in
         {"minInSync": "x", "replicas": "3"}, {"minInSync": "", "replicas": "3"},
         {"minInSync": "4"},  # above the default replicas (3)
         {"x" * 2_000_000: "1"}, {"csi.storage.k8s.io/pvc/name": "x" * 5000},
+        {"accessibility": "Any"}, {"accessibility": ""}, {"accessibility": "nodes"},
     ],
     ids=lambda p: repr(p)[:40],
 )
