@@ -12,7 +12,6 @@ from the host namespace against a real 3-node cluster with only the documented w
 from __future__ import annotations
 
 import asyncio
-import mmap
 import os
 import socket
 import struct
@@ -44,33 +43,11 @@ from replication.peer_auth import PeerAuth
 from replication.protocol import Connection
 from replication.replica_client import ReplicaClient, expect_ok
 from tests.credentials import cluster_auth
+from tests.direct_io import direct_read, direct_write
 from tests.fault.conftest import Fault
 
 pytestmark = pytest.mark.integration
 MIB = 1 << 20
-
-
-def _direct_write(device: Path, data: bytes, offset: int) -> None:
-    buf = mmap.mmap(-1, len(data))  # page-aligned, as O_DIRECT wants
-    buf[:] = data
-    fd = os.open(device, os.O_RDWR | os.O_DIRECT)
-    try:
-        assert os.pwrite(fd, buf, offset) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-        buf.close()
-
-
-def _direct_read(device: Path, length: int, offset: int) -> bytes:
-    buf = mmap.mmap(-1, length)
-    fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
-    try:
-        assert os.preadv(fd, [buf], offset) == length
-        return bytes(buf)
-    finally:
-        os.close(fd)
-        buf.close()
 
 
 def _host_port(address: str) -> tuple[str, int]:
@@ -97,7 +74,7 @@ def test_anonymous_peers_read_and_write_nothing(fault: Fault) -> None:
     owner, other = placed[0], fault.spec.node(placed[1])
     device = fault.stage_publish(owner, vid)
     secret_data = os.urandom(MIB)
-    _direct_write(device, secret_data, 0)
+    direct_write(device, 0, secret_data)
     events, rest = _anonymous_exchange(other, vid)
     assert len(events) == 1 and isinstance(events[0], Response), events
     assert events[0].status is Status.AUTH_FAILED and rest == b""
@@ -122,7 +99,7 @@ def test_anonymous_peers_read_and_write_nothing(fault: Fault) -> None:
     asyncio.run(probes())
     # A HELLO reply (with the server's proof), AUTH_FAILED for a guessed proof, then EOF.
     assert _guessed_proof(other) == [(Op.HELLO, Status.OK), (Op.AUTH, Status.AUTH_FAILED)]
-    assert _direct_read(device, MIB, 0) == secret_data, "a stranger's write reached the volume"
+    assert direct_read(device, 0, MIB) == secret_data, "a stranger's write reached the volume"
     assert fault.verify(vid).identical
 
 
@@ -151,7 +128,7 @@ def test_a_fence_etcd_never_issued_is_refused(fault: Fault) -> None:
 
     asyncio.run(probes())
     assert fault.record(vid).epoch == epoch
-    _direct_write(device, b"k" * 4096, 8192)  # the owner was not fenced out by any of that
+    direct_write(device, 8192, b"k" * 4096)  # the owner was not fenced out by any of that
     assert fault.verify(vid).identical
 
 

@@ -16,7 +16,6 @@ test left (also after a failure) before that.
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import threading
 import time
@@ -32,6 +31,7 @@ from csi_driver import devcluster
 from csi_driver._gen import csi_pb2
 from csi_driver.client import CsiClient
 from csi_driver.config import TOPOLOGY_KEY
+from tests.direct_io import direct_read, direct_write
 from tests.fault import conftest as fault_fixtures
 from tests.fault.conftest import Fault
 from tests.kubelet import (
@@ -303,29 +303,6 @@ def test_two_pods_share_one_stage_and_the_read_only_one_cannot_write(kube: Kube)
 
 
 # -- (3) raw block ---------------------------------------------------------------------------
-
-
-def direct_write(device: Path, offset: int, data: bytes) -> None:
-    buf = mmap.mmap(-1, len(data))
-    buf[:] = data
-    fd = os.open(device, os.O_WRONLY | os.O_DIRECT)
-    try:
-        assert os.pwritev(fd, [buf], offset) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-        buf.close()
-
-
-def direct_read(device: Path, offset: int, size: int) -> bytes:
-    buf = mmap.mmap(-1, size)
-    fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
-    try:
-        assert os.preadv(fd, [buf], offset) == size
-        return bytes(buf)
-    finally:
-        os.close(fd)
-        buf.close()
 
 
 def test_raw_block_volume_write_and_read_through_the_pod_device(kube: Kube) -> None:

@@ -17,9 +17,11 @@ from csi_driver import devcluster
 from csi_driver._gen import csi_pb2
 from csi_driver.client import CsiClient, block_capability
 from csi_driver.config import TOPOLOGY_KEY
+from csi_driver.failover_csi import publish, stage, unpublish_unstage
 from csi_driver.state.etcd import EtcdStore
 from csi_driver.verify import verify_volume
 from tests.credentials import cluster_auth
+from tests.direct_io import direct_read, direct_write
 
 pytestmark = [
     pytest.mark.integration,
@@ -72,14 +74,10 @@ def test_dead_replica_is_replaced_rebuilt_and_swept(
     spare = next(n.id for n in cluster.nodes if n.id not in replicas)
     owner, victim = replicas[0], replicas[2]
     staging, target = tmp_path / "staging", tmp_path / "dev"
-    cap = block_capability()
     payload = os.urandom(8 * MIB)
     with CsiClient(cluster.node(owner).csi_endpoint) as node:
-        node.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
-            volume_id=vid, staging_target_path=str(staging), volume_capability=cap))
-        node.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
-            volume_id=vid, staging_target_path=str(staging), target_path=str(target),
-            volume_capability=cap))
+        stage(node, vid, staging)
+        publish(node, vid, staging, target)
         fd = os.open(target, os.O_WRONLY)
         try:
             os.pwrite(fd, payload, 4 * MIB)
@@ -107,10 +105,7 @@ def test_dead_replica_is_replaced_rebuilt_and_swept(
         report = asyncio.run(verify())
         assert report.identical
         assert {r.node_id for r in report.replicas} == {owner, replicas[1], spare}
-        node.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
-            volume_id=vid, target_path=str(target)))
-        node.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
-            volume_id=vid, staging_target_path=str(staging)))
+        unpublish_unstage(node, vid, staging, target)
     orphan = Path(cluster.node(victim).pool.dir) / f"{vid}.img"
     assert orphan.exists()
     devcluster.revive_node(directory, victim)
@@ -136,21 +131,10 @@ def test_last_good_copy_survives_a_long_outage(
     payload = os.urandom(MIB)
     staging, target = tmp_path / "staging", tmp_path / "dev"
     with CsiClient(cluster.node(holder).csi_endpoint) as node:
-        node.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
-            volume_id=vid, staging_target_path=str(staging), volume_capability=cap))
-        node.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
-            volume_id=vid, staging_target_path=str(staging), target_path=str(target),
-            volume_capability=cap))
-        fd = os.open(target, os.O_WRONLY)
-        try:
-            os.pwrite(fd, payload, 2 * MIB)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        node.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
-            volume_id=vid, target_path=str(target)))
-        node.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
-            volume_id=vid, staging_target_path=str(staging)))
+        stage(node, vid, staging)
+        publish(node, vid, staging, target)
+        direct_write(target, 2 * MIB, payload)
+        unpublish_unstage(node, vid, staging, target)
     devcluster.kill_node(directory, holder, "sigkill")
     time.sleep(8.0)  # lease TTL 2 s + replace grace 2 s + reconcile passes (every 5 s)
     rec = record_of(cluster, vid)
@@ -161,25 +145,15 @@ def test_last_good_copy_survives_a_long_outage(
     assert image.exists(), "the returning node deleted the last good copy"
     staging2, target2 = tmp_path / "staging2", tmp_path / "dev2"
     with CsiClient(cluster.node(holder).csi_endpoint) as node:
-        wait_for("the volume to stage again", lambda: _stages(node, vid, staging2, cap))
-        node.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
-            volume_id=vid, staging_target_path=str(staging2), target_path=str(target2),
-            volume_capability=cap))
-        fd = os.open(target2, os.O_RDONLY)
-        try:
-            assert os.pread(fd, MIB, 2 * MIB) == payload
-        finally:
-            os.close(fd)
-        node.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
-            volume_id=vid, target_path=str(target2)))
-        node.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
-            volume_id=vid, staging_target_path=str(staging2)))
+        wait_for("the volume to stage again", lambda: _stages(node, vid, staging2))
+        publish(node, vid, staging2, target2)
+        assert direct_read(target2, 2 * MIB, MIB) == payload
+        unpublish_unstage(node, vid, staging2, target2)
 
 
-def _stages(node: CsiClient, vid: str, staging: Path, cap: csi_pb2.VolumeCapability) -> bool:
+def _stages(node: CsiClient, vid: str, staging: Path) -> bool:
     try:
-        node.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
-            volume_id=vid, staging_target_path=str(staging), volume_capability=cap))
+        stage(node, vid, staging, timeout_s=30)
     except grpc.RpcError:
         return False
     return True
