@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from csi_driver import mount
+from replication.atomic_file import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,7 @@ class Made:
 
 def write_durably(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` atomically and durably (file and rename fsynced)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    write_atomic(path, text.encode())
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from replication.atomic_file import write_atomic
 
 SPEC_FILE = "cluster.json"
 LEDGER_FILE = "cluster-state.json"
@@ -190,13 +191,8 @@ def load_ledger(directory: Path) -> Ledger | None:
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     # Readers (other CLI invocations, tests) must never see a half-written file.
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode(),
+                 mode=0o644)
 
 
 @contextmanager
