@@ -33,6 +33,7 @@ from csi_driver.mount import flush_buffers, mounts_at
 from csi_driver.validation import check_volume_id
 from replication.atomic_file import write_atomic
 from replication.command import CommandError, CommandNotFound, run_async
+from replication.proc_identity import parse_proc_stat
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +107,6 @@ def first_free_nbd(connected: Mapping[str, bool]) -> str | None:
     free = sorted(int(name[3:]) for name, busy in connected.items()
                   if name.startswith("nbd") and name[3:].isdigit() and not busy)
     return f"/dev/nbd{free[0]}" if free else None
-
-
-def parse_proc_stat(text: str) -> tuple[str, int]:
-    """(state letter, start time in clock ticks) from the text of /proc/<pid>/stat."""
-    # Field 2 (comm) may hold spaces and parentheses: the fields we need follow the last ')'.
-    fields = text[text.rindex(")") + 2 :].split()
-    return fields[0], int(fields[19])
 
 
 def save_attachment(path: Path, attachment: Attachment) -> None:

@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from replication.proc_identity import start_ticks
+
 log = logging.getLogger(__name__)
 
 KILL_WAIT_S = 10.0  # a writer stuck in the kernel longer than this fails the fence (EIO)
@@ -45,19 +47,6 @@ class Writer:
     epoch: int
     pid: int
     start_time: int  # /proc/<pid>/stat field 22: tells a reused pid from ours
-
-
-def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks, or None if it is gone (or a zombie)."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ")".
-    fields = raw[raw.rindex(b")") + 2:].split()
-    if fields[0] in (b"Z", b"X"):  # exited: its descriptors are closed already
-        return None
-    return int(fields[19])
 
 
 class LocalWriters:
@@ -78,7 +67,7 @@ class LocalWriters:
     def register(self, volume_id: str, epoch: int, pid: int | None = None) -> Writer:
         """Record ``pid`` (default: this process) as a direct writer of the replica."""
         pid = os.getpid() if pid is None else pid
-        start = _start_time(pid)
+        start = start_ticks(pid)
         if start is None:
             raise ProcessLookupError(f"process {pid} is not running")
         writer = Writer(volume_id, epoch, pid, start)
@@ -121,7 +110,7 @@ class LocalWriters:
             writer = self._read(path)
             if writer is None or writer.volume_id != volume_id or writer.epoch >= epoch:
                 continue
-            if _start_time(writer.pid) == writer.start_time:
+            if start_ticks(writer.pid) == writer.start_time:
                 found.append(writer)
             else:
                 with contextlib.suppress(FileNotFoundError):
@@ -132,14 +121,14 @@ class LocalWriters:
         """SIGKILL each writer and wait until none can write any more."""
         deadline = time.monotonic() + KILL_WAIT_S
         for writer in writers:
-            if _start_time(writer.pid) != writer.start_time:
+            if start_ticks(writer.pid) != writer.start_time:
                 continue
             log.warning("volume=%s epoch=%d fenced: killing direct writer pid=%d",
                         writer.volume_id, writer.epoch, writer.pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(writer.pid, signal.SIGKILL)
         for writer in writers:
-            while _start_time(writer.pid) == writer.start_time:
+            while start_ticks(writer.pid) == writer.start_time:
                 if time.monotonic() > deadline:
                     raise WriterStillAlive(
                         f"direct writer pid={writer.pid} of {writer.volume_id} (epoch "

@@ -26,22 +26,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from csi_driver.devcluster.spec import ClusterError, ProcRecord
+from replication.proc_identity import start_ticks
 
 _children: dict[int, subprocess.Popen[bytes]] = {}
 _POLL_S = 0.05
-
-
-def start_ticks(pid: int) -> int | None:
-    """Process start time in clock ticks, or None if the pid is gone or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # comm (field 2) may contain spaces and parentheses: split after the last ')'.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] == "Z":
-        return None
-    return int(fields[19])
 
 
 def spawn(

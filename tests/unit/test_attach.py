@@ -29,10 +29,10 @@ from csi_driver.attach import (
     nbd_client_argv,
     nbd_client_disconnect_argv,
     nbdfuse_argv,
-    parse_proc_stat,
     save_attachment,
 )
 from csi_driver.loop import find_loop_device
+from replication.proc_identity import parse_proc_stat
 
 LOSETUP_JSON = """{
    "loopdevices": [
