@@ -14,10 +14,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from replication import command
+from replication.errors import CommandError as CommandError  # what the chokepoint raises
 
 SUBNET_PREFIX = "10.213"
 MAX_SUBNETS = 256
@@ -25,26 +27,11 @@ PARTITION_TABLE = "tandem_partition"
 NETNS_DIR = "/var/run/netns"
 
 
-class CommandError(Exception):
-    """A helper command failed; keeps argv, rc and stderr for the message and callers."""
-
-    def __init__(self, argv: Sequence[str], rc: int, stderr: str) -> None:
-        super().__init__(f"{' '.join(argv)} failed (rc={rc}): {stderr.strip()}")
-        self.argv = list(argv)
-        self.rc = rc
-        self.stderr = stderr
-
-
 def run(argv: Sequence[str], *, stdin: str | None = None, timeout: float = 30.0) -> str:
-    """Run a short helper command to completion (always reaped), return its stdout."""
-    env = {**os.environ, "LC_ALL": "C"}
-    proc = subprocess.run(
-        list(argv), input=stdin, capture_output=True, text=True, timeout=timeout, env=env,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise CommandError(argv, proc.returncode, proc.stderr)
-    return proc.stdout
+    """Run a short helper command to completion through the one subprocess chokepoint
+    (``replication.command``: LC_ALL=C, reaped, typed errors); return its stdout."""
+    data = stdin.encode() if stdin is not None else None
+    return command.run(argv, input=data, timeout=timeout).stdout
 
 
 def _json(argv: Sequence[str]) -> list[dict[str, Any]]:
@@ -118,7 +105,7 @@ def create_bridge() -> Names:
                 continue  # another cluster won the race for this index
             raise
         return names
-    raise CommandError(["ip", "link", "add", "tdm<k>"], 1, "all 10.213.k.0/24 subnets in use")
+    raise CommandError(("ip", "link", "add", "tdm<k>"), 1, "all 10.213.k.0/24 subnets in use")
 
 
 def configure_bridge(names: Names) -> None:
