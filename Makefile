@@ -27,6 +27,7 @@ proto: venv
 lint: proto
 	$(VENV)/bin/ruff check csi_driver replication tests bench proto fuzz
 	$(VENV)/bin/mypy csi_driver replication
+	$(VENV)/bin/mypy --strict tests fuzz
 
 test: deps proto lint
 	bash scripts/ensure-kubectl.sh $(VENV)

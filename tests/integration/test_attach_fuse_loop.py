@@ -33,9 +33,9 @@ from csi_driver.attach import (
     Attachment,
     FuseLoopAttacher,
     KernelNbdAttacher,
-    LoopAttacher,
     NbdAttacher,
 )
+from csi_driver.loop import LoopAttacher
 from replication.command import run, run_async
 
 pytestmark = [

@@ -20,6 +20,7 @@ import pytest
 from csi_driver import devcluster as dc
 from csi_driver.devcluster import netns, procs
 from csi_driver.devcluster.mounts import loop_devices, mounts
+from replication.proc_identity import start_ticks
 
 pytestmark = [
     pytest.mark.integration,
@@ -66,7 +67,7 @@ def tdm_netns() -> set[str]:
 
 
 def pid_alive(pid: int) -> bool:
-    return procs.start_ticks(pid) is not None
+    return start_ticks(pid) is not None
 
 
 @pytest.fixture

@@ -501,7 +501,7 @@ def test_new_replica_is_filled_by_checksum_comparison(
             hashed.append((offset, length))
             return real_checksum(volume_id, epoch, offset, length, *args)
 
-        client.checksum = checksum  # type: ignore[method-assign]
+        client.checksum = checksum  # type: ignore[method-assign,assignment]
         backend.start_resync("n2", client, join=True)
         await write_random(backend, 100, 4, span=1 << 20)
         await wait_until(lambda: "n2" in backend.isr)

@@ -80,7 +80,7 @@ def test_a_writer_that_will_not_die_fails_the_fence(
     reg = LocalWriters(tmp_path)
     reg.register("vol-a", 1, pid=sleeper.pid)
     stale = reg.stale("vol-a", 2)
-    monkeypatch.setattr(local_writers.os, "kill", lambda pid, sig: None)  # a D-state stand-in
+    monkeypatch.setattr(os, "kill", lambda pid, sig: None)  # a D-state stand-in
     monkeypatch.setattr(local_writers, "KILL_WAIT_S", 0.05)
     with pytest.raises(WriterStillAlive):
         asyncio.run(reg.end(stale))

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from replication import replica_io
 from replication.replica_io import PWRITE_CHUNK, pwrite_all
 
 
@@ -21,7 +20,7 @@ def test_writes_everything_in_bounded_pieces(tmp_path: Path, size: int,
         pieces.append(len(data))
         return real(fd, data, offset)
 
-    monkeypatch.setattr(replica_io.os, "pwrite", spy)
+    monkeypatch.setattr(os, "pwrite", spy)
     data = os.urandom(size)
     fd = os.open(tmp_path / "r", os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -39,7 +38,7 @@ def test_finishes_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     def short(fd: int, data: bytes, offset: int) -> int:  # as after a signal: part of it
         return real(fd, memoryview(data)[: max(1, len(data) // 3)], offset)
 
-    monkeypatch.setattr(replica_io.os, "pwrite", short)
+    monkeypatch.setattr(os, "pwrite", short)
     data = os.urandom(10_000)
     fd = os.open(tmp_path / "r", os.O_RDWR | os.O_CREAT, 0o600)
     try:
