@@ -24,8 +24,11 @@ acknowledged write (after a restage when all replicas were full) and the ISR is 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
+import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -250,6 +253,21 @@ def release_pools(mounted: list[Path]) -> list[str]:
 
 
 
+def _dump_target(t: Trial) -> str:
+    """Ask the owner's target for its state (SIGUSR1, csi_driver/target_dump.py) and keep
+    its log beside the trial: evidence for a hang, before the next cluster wipes it."""
+    state = Path(t.spec.node(t.owner).state_dir)
+    try:
+        (entry, *_) = sorted((state / "local-writers").glob(f"{t.volume_id}.*.writer"),
+                             reverse=True)
+        os.kill(int(json.loads(entry.read_text())["pid"]), signal.SIGUSR1)
+        time.sleep(1.0)
+        shutil.copy(state / "targets" / f"{t.volume_id}.log", t.work / "target.log")
+    except (OSError, ValueError, KeyError) as exc:
+        return f"no target state: {exc}"
+    return f"target state in {t.work / 'target.log'}"
+
+
 def run_fault(t: Trial, mode: str, fault_after_s: float) -> tuple[list[str], int | None]:
     """Stage, write, inject ``mode``, heal, check: (violations, acknowledged writes lost).
     Raises Unrecoverable when the healed volume takes no write or cannot be read back."""
@@ -265,7 +283,8 @@ def run_fault(t: Trial, mode: str, fault_after_s: float) -> tuple[list[str], int
         time.sleep(0.5)  # a little more writing on the healed volume
     finally:
         if t.writer is not None and not t.writer.stop():
-            raise RuntimeError("writer threads still stuck in I/O after 60 s")
+            where = _dump_target(t)
+            raise RuntimeError(f"writer threads still stuck in I/O after 60 s ({where})")
     if fio.write_one(t.device, t.log, fio.new_writer_id(), 0, 1) is None:
         raise Unrecoverable("the volume takes no write after the fault healed")
     from csi_driver.failover_bench import settle

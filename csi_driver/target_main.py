@@ -33,6 +33,7 @@ from csi_driver.isr_authority import EtcdAuthority
 from csi_driver.state import errors as store_errors
 from csi_driver.state.etcd import EtcdStore
 from csi_driver.state.model import VolumeRecord, min_in_sync_of
+from csi_driver.target_dump import dump_state
 from replication.atomic_file import write_atomic
 from replication.backend import BackendIOError
 from replication.fencing import connect_and_fence, open_volume
@@ -140,6 +141,7 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, dump_state, backend, server)  # target_dump.py
     await stop.wait()
     log.info("%s stopping", ctx)
     server.close()

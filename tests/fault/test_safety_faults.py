@@ -6,9 +6,13 @@ mocked. Each test fails on 7f5cc85 (see the docstrings).
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
 import threading
 import time
+from pathlib import Path
 
 import grpc
 
@@ -142,3 +146,28 @@ def test_readiness_follows_etcd(fault: Fault) -> None:
     while (answer := _readyz(node.health_address))[0] != 200 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert answer == (200, "ready")
+
+
+def _target_pid(fault: Fault, node: str, volume_id: str) -> int:
+    """The target process serving ``volume_id`` on ``node``: it registered as the direct
+    writer of the node's replica (a standby target's command line names no volume)."""
+    registry = Path(fault.spec.node(node).state_dir) / "local-writers"
+    entries = sorted(registry.glob(f"{volume_id}.*.writer"))
+    assert entries, f"no target registered for {volume_id} on {node}"
+    return int(json.loads(entries[-1].read_text())["pid"])
+
+
+def test_a_target_dumps_its_state_on_sigusr1(fault: Fault) -> None:
+    """For I/O that hangs: `kill -USR1` makes the target log its write-path state and every
+    task's stack, and it goes on serving."""
+    vid, (node, _, _) = fault.create()
+    device = fault.stage_publish(node, vid)
+    os.kill(_target_pid(fault, node, vid), signal.SIGUSR1)
+    log = Path(fault.spec.node(node).state_dir) / "targets" / f"{vid}.log"
+    deadline = time.monotonic() + 10
+    while "state dump" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    text = log.read_text()
+    assert "state dump: isr=" in text and "gate_open=True" in text and "task " in text, text[-2000:]
+    assert "dump failed" not in text
+    assert write_one(device, WriterLog(), new_writer_id(), 0, 1) is not None
