@@ -13,6 +13,7 @@ Also here: the limits that keep strangers cheap (``ConnectionLimits``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,9 +41,48 @@ class ConnectionLimits:
     max_unauthenticated_per_host: int = 16
     max_unauthenticated: int = 128
     max_connections: int = 4096
+    # Replies waiting in this process's transports for peers to read them, all connections
+    # together; beyond it a connection with more than ``reply_floor_bytes`` waiting runs no
+    # more requests until the total drops (a peer that reads keeps its floor: no starving).
+    reply_budget_bytes: int = 256 << 20
+    reply_floor_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         if self.handshake_timeout_s <= 0 or min(
-            self.max_unauthenticated_per_host, self.max_unauthenticated, self.max_connections
+            self.max_unauthenticated_per_host, self.max_unauthenticated, self.max_connections,
+            self.reply_budget_bytes, self.reply_floor_bytes,
         ) < 1:
             raise ValueError("connection limits must be positive")
+
+
+class ReplyBudget:
+    """The bytes of replies queued in a process's transports, as each connection last saw
+    its own (sampled when it sends, when its transport drains, and every housekeeping
+    tick, so a stale sample delays a waiter by a second at most, never forever).
+
+    Pure bookkeeping: the server's connections report, ask and wait; wake-ups are handed to
+    ``schedule`` so none runs inside another connection's send.
+    """
+
+    def __init__(self, limit: int, floor: int, schedule: Callable[[Callable[[], None]], object]
+                 ) -> None:
+        self.limit, self.floor = limit, floor
+        self.queued = 0
+        self._schedule = schedule
+        self._waiting: list[Callable[[], None]] = []
+
+    def update(self, old: int, new: int) -> None:
+        """A connection's queued bytes went from ``old`` to ``new``."""
+        self.queued += new - old
+        if new < old and self._waiting and self.queued < self.limit:
+            waiting, self._waiting = self._waiting, []
+            for wake in waiting:
+                self._schedule(wake)
+
+    def allows(self, own_queued: int) -> bool:
+        return own_queued <= self.floor or self.queued < self.limit
+
+    def wait(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` (scheduled) once the total drops below the limit."""
+        if wake not in self._waiting:
+            self._waiting.append(wake)

@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import cast
 
-from replication.access import ConnectionLimits, ReplicaAccess
+from replication.access import ConnectionLimits, ReplicaAccess, ReplyBudget
 from replication.local_writers import LocalWriters
 from replication.messages import Buffer, Hello, Op, ProtocolErrorEvent, Request, Role, Status
 from replication.peer_auth import PeerAuth
@@ -65,6 +65,8 @@ class ReplicaServer:
         self.access = access
         self.limits = limits
         self.engine = ReplicaEngine(pool, meta_dir, auth.node_id, local_writers)
+        self.replies = ReplyBudget(limits.reply_budget_bytes, limits.reply_floor_bytes,
+                                   lambda wake: asyncio.get_running_loop().call_soon(wake))
         self.connections: set[_ServerConnection] = set()
         self._server: asyncio.Server | None = None
         self._housekeeping: asyncio.Task[None] | None = None
@@ -104,6 +106,8 @@ class ReplicaServer:
     async def _housekeep_forever(self) -> None:
         while True:
             await asyncio.sleep(HOUSEKEEPING_S)
+            for conn in list(self.connections):
+                conn.sample_replies()  # transports drain without telling us: refresh
             try:
                 await self.engine.housekeeping()
             except Exception:  # keep serving; the next round tries again
@@ -134,6 +138,7 @@ class _ServerConnection(asyncio.BufferedProtocol):
         self._held: deque[Request] | None = None  # set while requests must wait
         self._barrier = False  # a barrier op (or an access check) runs: _held waits for it
         self._out_bytes = 0  # payload bytes of the replies in _out
+        self._charged = 0  # our transport's queued bytes, as last reported to the budget
         self._write_paused = False
         self._reading_paused = False
         self._closed = False
@@ -184,6 +189,8 @@ class _ServerConnection(asyncio.BufferedProtocol):
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
+        self._server.replies.update(self._charged, 0)
+        self._charged = 0
         self._server.connections.discard(self)
 
     def abort(self) -> None:
@@ -307,7 +314,24 @@ class _ServerConnection(asyncio.BufferedProtocol):
         peer) once more than HIGH_WATER bytes wait for a peer that does not read."""
         if self._out_bytes >= OUT_BUDGET:
             self._send()
-        return not self._write_paused
+        if self._write_paused:
+            return False
+        if self._server.replies.allows(self._charged + self._out_bytes):
+            return True
+        self._server.replies.wait(self._budget_freed)  # the process holds too many replies
+        return False
+
+    def _budget_freed(self) -> None:
+        if not self._closed and self._held is not None and not self._barrier:
+            self._release()
+
+    def sample_replies(self) -> None:
+        """Report how many reply bytes wait in our transport (for the process budget)."""
+        if self._transport is None or self._closed:
+            return
+        now = self._transport.get_write_buffer_size()
+        self._server.replies.update(self._charged, now)
+        self._charged = now
 
     def _release(self) -> None:
         """Dispatch the requests held, in order, until one sets a new barrier or the
@@ -339,6 +363,7 @@ class _ServerConnection(asyncio.BufferedProtocol):
         self._send_scheduled = False
         if self._out and self._transport is not None and not self._transport.is_closing():
             self._transport.writelines(self._out)
+            self.sample_replies()
         self._out, self._out_bytes = [], 0
 
     def pause_writing(self) -> None:
@@ -347,6 +372,7 @@ class _ServerConnection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self.sample_replies()
         if self._held is not None and not self._barrier:
             self._release()  # requests held only because the peer was not reading
         self._update_reading()
