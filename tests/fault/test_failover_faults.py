@@ -257,6 +257,15 @@ def test_takeover_on_a_node_with_a_stale_replica_serves_the_in_sync_data(fault: 
     log.mark_takeover(takeover.staged_at, {writer.writer})
     assert_clean(new_dev, log)
     assert_replicas_match(fault.spec, vid, new_dev)
+    # The new owner served without its own stale replica in the ISR; that one came back
+    # only through a rebuild (I5), never by being taken as it was.
+    target_log = Path(fault.spec.node(stale).state_dir) / "targets" / f"{vid}.log"
+    lines = target_log.read_text().splitlines()
+    (serving,) = [ln for ln in lines if " serving nbd=" in ln][-1:]
+    assert f"'{stale}'" not in serving.split("isr=", 1)[1], serving
+    joined = [i for i, ln in enumerate(lines) if f"replica={stale} joined the ISR" in ln]
+    rebuilt = [i for i, ln in enumerate(lines) if f"replica={stale} rebuild" in ln]
+    assert all(any(r < j for r in rebuilt) for j in joined), "rejoined without a rebuild"
 
 
 # -- long runs ------------------------------------------------------------------------------

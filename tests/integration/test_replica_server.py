@@ -471,7 +471,7 @@ def test_a_stopped_server_fails_requests_at_their_deadline(server: ServerProcess
         finally:
             server.signal(signal.SIGCONT)
         assert all(isinstance(r, ReplicaUnavailableError) for r in results)
-        assert 1.0 <= elapsed < 2.0  # the deadline, checked every 100 ms
+        assert elapsed >= 1.0  # never failed before its deadline (how soon after: no bound)
         assert len(lost) == 1 and "1 s" in lost[0]
 
     run(body())
