@@ -381,8 +381,13 @@ async def _pipeline_flushes(sock: Path, count: int) -> None:
                 break
         flush = struct.Struct(">IHHQQI")
         writer.write(b"".join(flush.pack(0x25609513, 0, 3, h, 0, 0) for h in range(count)))
-        await asyncio.sleep(0.3)
-        assert backend.peak == MAX_IN_FLIGHT  # the rest wait in the backlog
+        for _ in range(500):  # until the server stops taking more (bounded: 5 s)
+            if backend.active == MAX_IN_FLIGHT:
+                break
+            await asyncio.sleep(0.01)
+        for _ in range(5):  # ... and it stays there: the rest wait in the backlog
+            await asyncio.sleep(0)
+        assert backend.peak == MAX_IN_FLIGHT
         backend.gate.set()
         replies = [struct.unpack(">IIQ", await reader.readexactly(16)) for _ in range(count)]
         assert sorted(handle for _m, _e, handle in replies) == list(range(count))

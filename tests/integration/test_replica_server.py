@@ -435,7 +435,7 @@ def test_a_killed_server_fails_pending_requests_at_once(server: ServerProcess) -
         client.on_lost(lost.append)
         server.signal(signal.SIGSTOP)  # so the requests are surely still pending
         futures = [client.write(VOL, 1, i * 4096, b"x" * 4096) for i in range(32)]
-        await asyncio.sleep(0.05)
+        await client.drain()  # the requests have left for the stopped server
         start = time.monotonic()
         server.kill()
         results = await asyncio.gather(*futures, return_exceptions=True)
