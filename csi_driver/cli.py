@@ -94,6 +94,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         hold_io_s=args.hold_io_timeout,
         tls_cert_file=Path(args.tls_cert_file) if args.tls_cert_file else None,
         tls_key_file=Path(args.tls_key_file) if args.tls_key_file else None,
+        tls_trust_file=Path(args.tls_trust_file) if args.tls_trust_file else None,
         health_listen=(cfg.parse_host_port(args.health_listen, "--health-listen")
                        if args.health_listen else None),
     )
@@ -101,7 +102,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     load_secret(config.cluster_secret_file)
     load_public_keys(config.agent_public_key_file)
     if config.tls_cert_file and config.tls_key_file:
-        load_peer_tls(config.tls_cert_file, config.tls_key_file)
+        load_peer_tls(config.tls_cert_file, config.tls_key_file, config.tls_trust_file)
     keep_large_buffers_on_heap()  # the node process hosts the replica server
     _run(run_node(config))
     return 0
@@ -171,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--tls-cert-file", help="encrypt replication with TLS: the cluster's "
                       "tls.crt (every node alike; docs/security.md for the cost)")
     node.add_argument("--tls-key-file", help="the cluster's tls.key, mode 0600")
+    node.add_argument("--tls-trust-file", help="the certificates peers must chain to "
+                      "(default: --tls-cert-file; cert-manager: its ca.crt)")
     node.add_argument("--health-listen", metavar="HOST:PORT",
                       help="serve GET /readyz here: 200 while the node lease is renewed and "
                       "the pool answers, else 503 and why (a readinessProbe)")

@@ -170,6 +170,7 @@ class NodeConfig:
     # Replication over TLS (replication.peer_tls): both or neither; every node alike.
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    tls_trust_file: Path | None = None  # default: the certificate file itself
     health_listen: tuple[str, int] | None = None  # GET /readyz (csi_driver.health)
 
     def __post_init__(self) -> None:
@@ -188,6 +189,8 @@ class NodeConfig:
             raise ConfigError("--max-volumes must be >= 0 (0 = unlimited)")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ConfigError("--tls-cert-file and --tls-key-file go together")
+        if self.tls_trust_file is not None and self.tls_cert_file is None:
+            raise ConfigError("--tls-trust-file needs --tls-cert-file and --tls-key-file")
 
     @property
     def agent_address(self) -> str:

@@ -47,7 +47,7 @@ from csi_driver.targets import TargetProcesses, local_writers_dir
 from csi_driver.volumes import VolumeService
 from replication.local_writers import LocalWriters
 from replication.peer_auth import PeerAuth, load_secret
-from replication.peer_tls import load_peer_tls
+from replication.peer_tls import load_peer_tls, reload_forever
 from replication.pool.base import Pool, open_pool
 from replication.replica_server import ReplicaServer
 
@@ -181,10 +181,10 @@ async def run_node(config: NodeConfig) -> None:
     membership = Membership(config, store, pool, staging.staged_count)
     await membership.register()
     auth = PeerAuth(load_secret(config.cluster_secret_file), config.node_id)
-    tls = (load_peer_tls(config.tls_cert_file, config.tls_key_file).server
+    tls = (load_peer_tls(config.tls_cert_file, config.tls_key_file, config.tls_trust_file)
            if config.tls_cert_file and config.tls_key_file else None)
     replicas = ReplicaServer(pool, config.state_dir / "replicas", auth,
-                             access=StoreReplicaAccess(store), tls=tls,
+                             access=StoreReplicaAccess(store), tls=tls.server if tls else None,
                              local_writers=LocalWriters(local_writers_dir(config.state_dir)))
     await sweep_orphans(store, pool, config.node_id)
     await replicas.start(*config.replica_listen)
@@ -214,12 +214,15 @@ async def run_node(config: NodeConfig) -> None:
     if config.health_listen is not None:
         await health.start(*config.health_listen)
     renewer = asyncio.create_task(membership.run())
+    reloader = asyncio.create_task(
+        reload_forever(tls, log, f"node={config.node_id}") if tls else asyncio.sleep(0))
     sweeper = asyncio.create_task(_sweep_forever(store, pool, config.node_id, replicas.forget))
     try:
         await _wait_for_signal()
     finally:
         renewer.cancel()
         sweeper.cancel()
+        reloader.cancel()
         # Staged volumes' targets are left running (outside Kubernetes; in a pod they die with
         # PID 1): a new node process finds their direct-writer registrations when fencing.
         await targets.close_standby()

@@ -43,7 +43,7 @@ from replication.local_replica import LocalReplica
 from replication.local_writers import LocalWriters
 from replication.nbd_server import NbdServer
 from replication.peer_auth import PeerAuth, SecretError, load_secret
-from replication.peer_tls import TlsConfigError, load_peer_tls
+from replication.peer_tls import TlsConfigError, load_peer_tls, reload_forever
 from replication.replica_client import ReplicaClient
 from replication.target import ReplicaEndpoint, ReplicatedBackend
 
@@ -74,8 +74,10 @@ async def _endpoints(store: EtcdStore, record: VolumeRecord) -> list[ReplicaEndp
 async def serve(args: argparse.Namespace) -> None:
     try:
         auth = PeerAuth(load_secret(Path(args.cluster_secret_file)), args.node_id)
-        tls = (load_peer_tls(Path(args.tls_cert_file), Path(args.tls_key_file)).client
-               if args.tls_cert_file else None)
+        peer_tls = (load_peer_tls(Path(args.tls_cert_file), Path(args.tls_key_file),
+                                  Path(args.tls_trust_file) if args.tls_trust_file else None)
+                    if args.tls_cert_file else None)
+        tls = peer_tls.client if peer_tls else None
     except (SecretError, TlsConfigError) as exc:
         raise TargetStartError(str(exc)) from None
     store = EtcdStore(parse_etcd_endpoints(args.etcd_endpoints), prefix=args.etcd_prefix)
@@ -129,6 +131,8 @@ async def serve(args: argparse.Namespace) -> None:
     reporter = asyncio.get_running_loop().create_task(
         _report_condition(backend, condition_path(Path(args.state_dir), args.volume_id))
     )
+    reloader = asyncio.get_running_loop().create_task(
+        reload_forever(peer_tls, log, ctx) if peer_tls else asyncio.sleep(0))
     server = NbdServer(args.socket, backend, export_name=args.volume_id)
     await server.start()
     log.info("%s serving nbd=%s isr=%s", ctx, args.socket, list(backend.isr))
@@ -147,6 +151,7 @@ async def serve(args: argparse.Namespace) -> None:
     server.close()
     rejoiner.cancel()
     reporter.cancel()
+    reloader.cancel()
     try:
         if backend.fenced is None:
             await backend.flush()
@@ -257,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the replication secret (the node passes its own)")
     parser.add_argument("--tls-cert-file", help="replication over TLS (the node's setting)")
     parser.add_argument("--tls-key-file")
+    parser.add_argument("--tls-trust-file")
     parser.add_argument("--lease-ttl", type=lease_ttl_arg, default=DEFAULT_LEASE_TTL_S)
     parser.add_argument("--owner-lease", type=lambda v: int(v, 0), required=True,
                         help="the etcd lease the node bound our claim to (we keep it alive)")
@@ -273,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.tls_cert_file) != bool(args.tls_key_file):
         parser.error("--tls-cert-file and --tls-key-file go together")
+    if args.tls_trust_file and not args.tls_cert_file:
+        parser.error("--tls-trust-file needs --tls-cert-file and --tls-key-file")
     if args.local_replica_path and not args.local_writers_dir:
         parser.error("--local-replica-path needs --local-writers-dir (the fencing registry)")
     if args.log_file:

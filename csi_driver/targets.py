@@ -80,6 +80,8 @@ class TargetProcesses:
         if c.tls_cert_file and c.tls_key_file:
             argv += ["--tls-cert-file", str(c.tls_cert_file),
                      "--tls-key-file", str(c.tls_key_file)]
+            if c.tls_trust_file:
+                argv += ["--tls-trust-file", str(c.tls_trust_file)]
         local = await asyncio.to_thread(self._local_replica, volume_id)
         if local is not None:
             argv += ["--local-replica-path", local,

@@ -141,3 +141,101 @@ def test_rotation_nodes_one_step_apart_understand_each_other(tmp_path: Path) -> 
             await connects(steps[0], steps[3], tmp_path / "run-ends")
 
     run(body())
+
+
+def test_renewed_files_are_picked_up_without_a_restart(tmp_path: Path) -> None:
+    """cert-manager renews before expiry and kubelet swaps the Secret's files: a running
+    node reloads them (new connections use them) instead of failing at expiry."""
+    for name in ("old", "new"):
+        write_credentials(tmp_path / name)
+    pem = {n: (tmp_path / n / "tls.crt").read_text() for n in ("old", "new")}
+    key = {n: (tmp_path / n / "tls.key").read_bytes() for n in ("old", "new")}
+    here = tmp_path / "node"
+    here.mkdir()
+
+    def install(present: str, trust: list[str]) -> None:
+        (here / "tls.crt").write_text("".join(pem[n] for n in [present, *trust]))
+        (here / "tls.key").write_bytes(key[present])
+        (here / "tls.key").chmod(0o600)
+
+    install("old", [])
+    server_tls = load_peer_tls(here / "tls.crt", here / "tls.key")
+    assert not server_tls.reload_if_changed()  # nothing changed yet
+    peer = tmp_path / "peer"
+    peer.mkdir()
+    (peer / "tls.crt").write_text(pem["new"])
+    (peer / "tls.key").write_bytes(key["new"])
+    (peer / "tls.key").chmod(0o600)
+    new_only = load_peer_tls(peer / "tls.crt", peer / "tls.key")
+
+    async def body() -> None:
+        server = await serving(tmp_path, server_tls.server)
+        try:
+            with pytest.raises(ReplicaUnavailableError):  # it knows only the old pair
+                await ReplicaClient.connect("127.0.0.1", server.port, auth("node-a"),
+                                            tls=new_only.client, connect_timeout_s=2.0)
+            install("new", ["old"])  # the renewal lands while the node runs
+            assert server_tls.reload_if_changed()
+            client = await ReplicaClient.connect("127.0.0.1", server.port, auth("node-a"),
+                                                 tls=new_only.client)
+            client.close()
+        finally:
+            await server.close()
+
+    run(body())
+
+
+def _ca_signed_pair(directory: Path) -> None:
+    """What cert-manager's CA issuer makes (deploy/components/cert-manager-tls): a CA, and
+    a leaf for client and server auth signed by it; Secret files tls.crt, tls.key, ca.crt."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(
+        ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("tandem-replication-ca"))
+          .issuer_name(name("tandem-replication-ca")).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now)
+          .not_valid_after(now + datetime.timedelta(days=30))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    leaf = (x509.CertificateBuilder().subject_name(name("tandem-replication"))
+            .issuer_name(ca.subject).public_key(leaf_key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                  ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+            .sign(ca_key, hashes.SHA256()))
+    directory.mkdir()
+    pem = serialization.Encoding.PEM
+    (directory / "ca.crt").write_bytes(ca.public_bytes(pem))
+    (directory / "tls.crt").write_bytes(leaf.public_bytes(pem))
+    (directory / "tls.key").write_bytes(leaf_key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (directory / "tls.key").chmod(0o600)
+
+
+def test_a_ca_issued_certificate_with_its_ca_as_trust(tmp_path: Path) -> None:
+    _ca_signed_pair(tmp_path / "secret")
+    s = tmp_path / "secret"
+    tls = load_peer_tls(s / "tls.crt", s / "tls.key", s / "ca.crt")
+
+    async def body() -> None:
+        server = await serving(tmp_path, tls.server)
+        try:
+            client = await ReplicaClient.connect("127.0.0.1", server.port, auth("node-a"),
+                                                 tls=tls.client)
+            expect_ok(await client.fence("vol-t", 1))
+            client.close()
+        finally:
+            await server.close()
+
+    run(body())

@@ -837,3 +837,50 @@ def test_e2e_testdriver(rendered: dict[str, list[Doc]]) -> None:
     assert caps["RWX"] is False
     csidriver = _one(rendered["base"], "CSIDriver", DRIVER)["spec"]
     assert caps["fsGroup"] == (csidriver["fsGroupPolicy"] == "File")
+
+
+# --- cert-manager TLS component ----------------------------------------------------------
+
+
+def test_cert_manager_tls_component(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replication TLS from cert-manager (issue 11): a CA of tandem's own, one client+server
+    certificate every node presents, its Secret mounted read-only 0400, and the node flags
+    the real CLI accepts (certificate, key, and the CA as trust)."""
+    (tmp_path / "deploy").symlink_to(DEPLOY)
+    mine = tmp_path / "my-cluster"
+    mine.mkdir()
+    (mine / "kustomization.yaml").write_text(
+        "resources: [../deploy/overlays/lvm]\n"
+        "components: [../deploy/components/cert-manager-tls]\n")
+    docs = kustomize(mine)
+    builtin = [d for d in docs if not d["apiVersion"].startswith("cert-manager.io/")]
+    for version in KUBERNETES_VERSIONS:
+        assert not _validate(builtin, version)
+    certs = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Certificate"}
+    issuers = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Issuer"}
+    ca, leaf = certs["tandem-replication-ca"], certs["tandem-replication"]
+    assert ca["spec"]["isCA"] and issuers[ca["spec"]["issuerRef"]["name"]]["spec"] == {
+        "selfSigned": {}}
+    assert issuers[leaf["spec"]["issuerRef"]["name"]]["spec"]["ca"]["secretName"] == \
+        ca["spec"]["secretName"]
+    assert {"server auth", "client auth"} <= set(leaf["spec"]["usages"])
+    assert all(d["metadata"]["namespace"] == NAMESPACE for d in [*certs.values(),
+                                                                  *issuers.values()])
+    pod = _pod_spec(docs, "DaemonSet", "tandem-node")
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "replication-tls"]
+    assert volume["secret"] == {"secretName": leaf["spec"]["secretName"], "defaultMode": 0o400}
+    tandem = _container(pod, "tandem")
+    (mount,) = [m for m in tandem["volumeMounts"] if m["name"] == "replication-tls"]
+    assert mount["readOnly"] is True
+    argv = _argv(tandem)
+    assert argv[-6:] == [
+        "--tls-cert-file", f"{mount['mountPath']}/tls.crt",
+        "--tls-key-file", f"{mount['mountPath']}/tls.key",
+        "--tls-trust-file", f"{mount['mountPath']}/ca.crt"]
+    started = _fake_server(monkeypatch)
+    monkeypatch.setattr(cli, "load_peer_tls", lambda *paths: started.append(paths))
+    env = _env(docs, tandem, **{"spec.nodeName": "node-a", "status.podIP": "10.0.0.1"})
+    args = cli.build_parser().parse_args([_expand(a, env) for a in argv[1:]])
+    assert args.func(args) == 0
+    config = started[-1]
+    assert config.tls_trust_file == Path(mount["mountPath"]) / "ca.crt"
