@@ -20,11 +20,15 @@ share a machine state:
 
 Prints IOPS, MB/s and p99 completion latency per target and job, with ratios to qemu-nbd
 (rows through the nbd engine) or to fuse-loop-qemu (rows through a device); writes JSON.
-Absolute numbers swing up to 40 % between runs here: compare the ratios.
+Absolute numbers swing up to 40 % between runs here: compare the ratios, and not from one
+run: ``--repeat N`` (default 3) measures N interleaved rounds (the baselines, then tandem,
+then again) and reports each ratio as median [min - max] over the rounds, so a machine that
+drifts while one target runs shows up as spread instead of a wrong ratio.
 
 Must not: be imported by product code, or leave a cluster, server, mount or loop device.
 
-    .venv/bin/python bench/bench_io.py --dir /tmp/tandem-bench-io [--runtime 15] [--json out.json]
+    .venv/bin/python bench/bench_io.py --dir /tmp/tandem-bench-io [--runtime 15] [--repeat 3]
+        [--only baselines,tandem,tls] [--json out.json]
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -277,6 +282,9 @@ def staged_target(spec: devcluster.ClusterSpec, volume_id: str, node: str) -> tu
     return sock, int(json.loads(entries[-1].read_text())["pid"])
 
 
+TLS_COST = "r3 tls/plain"  # a row of its own in the spread table
+
+
 def say(text: str) -> None:
     print(f"-- {text}", file=sys.stderr, flush=True)
 
@@ -288,6 +296,40 @@ def ratios(results: Results) -> dict[str, dict[str, float]]:
         out[target] = {job: jobs[job]["iops"] / base[job]["iops"]
                        for job, _rw, _bs, _d in JOBS if job in jobs and base.get(job)}
     return out
+
+
+def spread(rounds: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, list[float]]]:
+    """Per target and job: [median, min, max] of the ratio over the rounds that have it."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for target in {t for r in rounds for t in r}:
+        for job in {j for r in rounds for j in r.get(target, {})}:
+            values = sorted(r[target][job] for r in rounds if job in r.get(target, {}))
+            out.setdefault(target, {})[job] = [statistics.median(values), values[0],
+                                               values[-1]]
+    return out
+
+
+def tls_cost(results: Results) -> dict[str, dict[str, float]]:
+    """tandem-r3-tls against tandem-r3 of the same round: what encryption costs."""
+    tls, plain = results.get("tandem-r3-tls"), results.get("tandem-r3")
+    if not tls or not plain:
+        return {}
+    return {TLS_COST: {job: tls[job]["iops"] / plain[job]["iops"]
+                       for job, *_ in JOBS if job in tls and plain.get(job)}}
+
+
+def render_spread(rounds: list[dict[str, dict[str, float]]]) -> str:
+    lines = [f"ratios over {len(rounds)} interleaved rounds (each: the baselines, then "
+             "tandem): median [min - max]",
+             f"{'target':<15} " + " ".join(f"{job:>24}" for job, *_ in JOBS)]
+    table = spread(rounds)
+    for target in [t for t in (*BASELINE, TLS_COST) if t in table]:
+        cells = []
+        for job, *_ in JOBS:
+            m = table[target].get(job)
+            cells.append(f"{m[0]:.2f} [{m[1]:.2f} - {m[2]:.2f}]" if m else "-")
+        lines.append(f"{target:<15} " + " ".join(f"{c:>24}" for c in cells))
+    return "\n".join(lines)
 
 
 def render(results: Results, args: argparse.Namespace) -> str:
@@ -318,6 +360,9 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--local-engine", default="io_uring", choices=["io_uring", "libaio"])
     parser.add_argument("--only", default="", help="comma-separated: baselines,tandem,tls")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="interleaved rounds (baselines then tandem, again and again); "
+                        "ratios are reported as median [min - max] over them")
     args = parser.parse_args()
     for tool in ("fio", "qemu-nbd", "nbdfuse", "losetup"):
         if shutil.which(tool) is None:
@@ -326,19 +371,28 @@ def main() -> int:
         parser.error("needs root (network namespaces, loop devices, FUSE)")
     work = Path(args.dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    results: Results = {}
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     parts: dict[str, Callable[[argparse.Namespace, Path, Results], None]] = {
         "baselines": measure_baselines, "tandem": measure_tandem, "tls": measure_tandem_tls}
-    for name, part in parts.items():
-        if not args.only or name in args.only.split(","):
-            part(args, work, results)
-    order = [t for t in BASELINE if t in results]
-    results = {t: results[t] for t in order}
-    print(render(results, args))
+    rounds: list[Results] = []
+    for i in range(args.repeat):
+        # One round = each part once, in order: a (baseline, tandem) pair measured minutes
+        # apart at most, so machine drift lands in the spread, not in one ratio.
+        say(f"round {i + 1} of {args.repeat}")
+        results: Results = {}
+        for name, part in parts.items():
+            if not args.only or name in args.only.split(","):
+                part(args, work, results)
+        rounds.append({t: results[t] for t in BASELINE if t in results})
+    per_round = [ratios(r) | tls_cost(r) for r in rounds]
+    print(render(rounds[-1], args))
+    print()
+    print(render_spread(per_round))
     if args.json:
         payload: dict[str, Any] = {"runtime_s": args.runtime, "size_mib": args.size,
-                                   "results": results, "ratios": ratios(results),
-                                   "baseline": BASELINE}
+                                   "rounds": rounds, "ratios": per_round,
+                                   "spread": spread(per_round), "baseline": BASELINE}
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     return 0
 
