@@ -140,12 +140,14 @@ async def serve(args: argparse.Namespace) -> None:
     # young generation less often (each write allocates a handful of short-lived objects).
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
-    print("READY", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Before READY: a SIGTERM right after it (a stage undone at once) must stop us cleanly,
+    # with a flush, not kill us with the default action.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, dump_state, backend, server)  # target_dump.py
+    print("READY", flush=True)
     await stop.wait()
     log.info("%s stopping", ctx)
     server.close()

@@ -270,6 +270,16 @@ def test_export_holds_ownership_until_stopped(cluster: Cluster, nbd_volume: str)
     assert_replicas_identical(cluster, nbd_volume)
 
 
+def test_a_target_stopped_as_soon_as_it_is_ready_exits_cleanly(
+    cluster: Cluster, nbd_volume: str
+) -> None:
+    """A SIGTERM right after READY used to find no handler yet (the default action killed
+    the target, exit -15, no flush); the handlers are now in place before READY."""
+    for _ in range(3):
+        with exported(cluster, nbd_volume, "node-2"):
+            pass  # exported() asserts a clean stop (exit status 0) and no socket left
+
+
 # -- through the attach path (nbdfuse + loop) -----------------------------------------------
 
 
