@@ -210,6 +210,7 @@ class ReplicatedBackend:
         self._tasks: set[asyncio.Task[None]] = set()
         self._open_gate = asyncio.Event()
         self._open_gate.set()
+        self._pausers = 0  # writes_paused() contexts open now; the gate opens at zero
         self.fenced: str | None = None
         self.expected_replicas = len(self._isr)  # the record's replica count (target_main)
         self.out_of_space: str | None = None  # the last replica that answered ENOSPC
@@ -530,13 +531,22 @@ class ReplicatedBackend:
 
     @contextlib.asynccontextmanager
     async def writes_paused(self) -> AsyncIterator[None]:
-        """Hold new writes (they wait, they do not fail) and drain the ones in flight."""
+        """Hold new writes (they wait, they do not fail) and drain the ones in flight.
+
+        Counted: two rebuilds may be in their final rounds at once, and the first to finish
+        must not reopen the gate under the second (a write racing the second's last copy
+        would be overwritten on its replica by older data, and that replica would join the
+        ISR without an acknowledged write: found by the fault benchmark, two replicas
+        rebuilt together after every pool had been full)."""
+        self._pausers += 1
         self._open_gate.clear()
         try:
             await self.quiesce()
             yield
         finally:
-            self._open_gate.set()
+            self._pausers -= 1
+            if not self._pausers:
+                self._open_gate.set()
 
     # -- ISR changes ----------------------------------------------------------------------
 

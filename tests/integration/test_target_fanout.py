@@ -644,3 +644,61 @@ def test_convergence_retry_after_a_drop_does_nothing(
         backend.close()
 
     run(scenario())
+
+
+def test_nested_write_pauses_hold_until_the_last_ends(
+    replicas: list[Replica], tmp_path: Path
+) -> None:
+    """Two rebuilds in their final rounds at once: the first to finish must not let writes
+    through under the second (the fault benchmark found an ISR member missing a write)."""
+    authority = MemoryAuthority(["n0", "n1", "n2"], 1, [1])
+
+    async def scenario() -> None:
+        backend = await open_backend(replicas, authority, tmp_path / "state")
+        first, second = backend.writes_paused(), backend.writes_paused()
+        await first.__aenter__()
+        await second.__aenter__()
+        await first.__aexit__(None, None, None)
+        write = asyncio.create_task(backend.write(0, b"w" * 4096, fua=False))
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        assert not write.done(), "a write went through while a pause was still held"
+        await second.__aexit__(None, None, None)
+        await asyncio.wait_for(write, 10)
+        backend.close()
+
+    run(scenario())
+
+
+def test_two_replicas_rebuilt_at_once_under_writes_end_identical(
+    replicas: list[Replica], tmp_path: Path
+) -> None:
+    """The fault benchmark's case: after every pool was full only one replica stayed in the
+    ISR, and the other two were rebuilt together while the volume was written."""
+    authority = MemoryAuthority(["n0", "n1", "n2"], 1, [1])
+
+    async def scenario() -> None:
+        backend = await open_backend(replicas, authority, tmp_path / "state")
+        await write_random(backend, 200, 1)
+        for r in replicas[1:]:
+            r.kill()
+        await backend.write(3 << 20, b"m" * 4096, fua=False)  # n1 and n2 drop out here
+        assert list(backend.isr) == ["n0"]
+        await write_random(backend, 100, 2)
+        for r in replicas[1:]:
+            r.start()
+        for r in replicas[1:]:
+            client = await connect(r.endpoint)
+            await client.fence(VOLUME, 1)
+            backend.start_resync(r.node_id, client, join=True)
+        for round_ in range(3, 40):  # writes all through both rebuilds and their last rounds
+            if {"n1", "n2"} <= set(backend.isr):
+                break
+            await write_random(backend, 30, round_, span=2 << 20)
+        await wait_until(lambda: {"n1", "n2"} <= set(backend.isr))
+        await write_random(backend, 30, 99)
+        await backend.flush()
+        backend.close()
+
+    run(scenario())
+    assert replicas[0].data() == replicas[1].data() == replicas[2].data()
