@@ -21,7 +21,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("--run-slow"):
         return
-    skip = pytest.mark.skip(reason="long run: pass --run-slow")
+    # Not the machine: a soak of many failovers would not fit the default suite's time budget.
+    skip = pytest.mark.skip(reason="long soak, outside the default suite's time budget: pass --run-slow")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
