@@ -22,7 +22,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if config.getoption("--run-slow"):
         return
     # Not the machine: a soak of many failovers would not fit the default suite's time budget.
-    skip = pytest.mark.skip(reason="long soak, outside the default suite's time budget: pass --run-slow")
+    skip = pytest.mark.skip(
+        reason="long soak, outside the default suite's time budget: pass --run-slow")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
