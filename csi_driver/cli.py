@@ -26,6 +26,8 @@ from csi_driver.agent_auth import KeyFileError, load_public_keys, load_signer
 from replication.peer_auth import SecretError, load_secret
 from replication.peer_tls import TlsConfigError, load_peer_tls
 
+log = logging.getLogger(__name__)
+
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
@@ -54,13 +56,19 @@ def _etcd(args: argparse.Namespace) -> cfg.EtcdConfig:
 def cmd_controller(args: argparse.Namespace) -> int:
     from csi_driver.server import run_controller
 
+    node_down_mode = args.node_down_responder
+    if node_down_mode is None:
+        node_down_mode = cfg.default_node_down_mode(args.kubeconfig, os.environ)
+        log.info("node-down responder: %s by default (%s)", node_down_mode,
+                 "a Kubernetes API is configured" if node_down_mode != "off"
+                 else "no Kubernetes API: not in a pod, no --kubeconfig")
     config = cfg.ControllerConfig(
         csi_socket=cfg.parse_unix_endpoint(args.csi_endpoint, "--csi-endpoint"),
         etcd=_etcd(args),
         agent_key_file=Path(args.agent_key_file),
         default_replicas=args.default_replicas,
         replace_after_s=args.replace_dead_after,
-        node_down_mode=args.node_down_responder,
+        node_down_mode=node_down_mode,
         node_down_grace_s=args.node_down_grace,
         node_down_max_fraction=args.node_down_max_fraction,
         kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
@@ -127,13 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--default-replicas", type=int, default=3)
     ctl.add_argument("--replace-dead-after", type=float, default=300.0,
                      help="seconds a replica node must stay dead before it is replaced")
-    ctl.add_argument("--node-down-responder", choices=cfg.NODE_DOWN_MODES, default="off",
-                     help="when a node is dead (tandem lease and kubelet Lease both silent): "
-                     "taint it out-of-service, or force-delete its pods that use tandem "
-                     "volumes (docs/node-down-responder.md; needs the 'kubernetes' package)")
+    ctl.add_argument("--node-down-responder", choices=cfg.NODE_DOWN_MODES, default=None,
+                     help="fenced: force-delete a dead node's pods as soon as their tandem "
+                     "volumes are fenced there (fenced-taint: taint the node out-of-service "
+                     "then); taint/delete-pods: the same once the kubelet is silent too "
+                     "(docs/node-down-responder.md; needs the 'kubernetes' package). "
+                     "Default: fenced with a Kubernetes API (in a pod or --kubeconfig), "
+                     "else off")
     ctl.add_argument("--node-down-grace", type=float, metavar="SECONDS",
                      default=cfg.DEFAULT_NODE_DOWN_GRACE_S,
-                     help="how long both must be silent before the responder acts")
+                     help="modes taint and delete-pods: how long tandem's lease and the "
+                     "kubelet's must both be silent before the responder acts")
     ctl.add_argument("--node-down-max-fraction", type=float, metavar="FRACTION",
                      default=cfg.DEFAULT_NODE_DOWN_MAX_FRACTION,
                      help="refuse to act while more than this fraction of tandem's nodes "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +24,12 @@ DRIVER_VERSION = "0.1.0"
 # seconds, and a fencing clock on 2.5 s over a 2 s (or 3 s) lease has no margin (or a lie).
 DEFAULT_LEASE_TTL_S = 2
 MAX_LEASE_TTL_S = 600
-# The node-down responder (docs/node-down-responder.md). Grace: 15x the node lease TTL (a
-# node plugin restart or an etcd hiccup is not a death), 3 kubelet Lease renewals (10 s
-# each), and under Kubernetes' node-monitor-grace-period (40 s; 50 s since 1.32).
-NODE_DOWN_MODES = ("off", "taint", "delete-pods")
+# The node-down responder (docs/node-down-responder.md). "fenced" acts per pod on tandem's own
+# evidence (lapsed claims) and is the default wherever a Kubernetes API is configured. Grace
+# (kubelet-gated modes only): 15x the node lease TTL (a node plugin restart or an etcd hiccup
+# is not a death), 3 kubelet Lease renewals (10 s each), and under Kubernetes'
+# node-monitor-grace-period (40 s; 50 s since 1.32).
+NODE_DOWN_MODES = ("off", "fenced", "fenced-taint", "taint", "delete-pods")
 DEFAULT_NODE_DOWN_GRACE_S = 30.0
 DEFAULT_NODE_DOWN_MAX_FRACTION = 0.5
 
@@ -37,6 +40,14 @@ _NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 class ConfigError(ValueError):
     """A configuration value is missing or invalid."""
+
+
+def default_node_down_mode(kubeconfig: str | None, environ: Mapping[str, str]) -> str:
+    """``fenced`` when the controller can reach a Kubernetes API (in a pod, or given a
+    kubeconfig), else ``off``: outside Kubernetes there is nothing to respond to."""
+    if kubeconfig or environ.get("KUBERNETES_SERVICE_HOST"):
+        return "fenced"
+    return "off"
 
 
 def lease_ttl_arg(text: str) -> int:

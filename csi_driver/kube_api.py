@@ -1,4 +1,4 @@
-"""The node-down responder's Kubernetes API edge, and its loop in the controller.
+"""The node-down responder's Kubernetes API edge (its loop: ``csi_driver.node_down_loop``).
 
 ``KubeApi`` is a thin translation between the official ``kubernetes`` client (synchronous:
 the loop calls it through ``asyncio.to_thread``) and the plain records of
@@ -14,10 +14,11 @@ API calls, and why each is shaped the way it is:
   read. If the Node changed in between (another controller, an admin) the API server
   answers 409 and we read again, so a concurrent change is never overwritten. The taint
   and our annotation change in the same write;
-- pods on a node: ``spec.nodeName`` field selector; a pod uses tandem when one of its
-  volumes is a PVC (or a generic ephemeral volume's PVC) bound to a PV whose
-  ``spec.csi.driver`` is tandem's;
-- pods are deleted (mode delete-pods only) with grace period 0 and a UID precondition. Grace
+- pods on a node: ``spec.nodeName`` field selector;
+- a pod's volumes: each PVC (or generic ephemeral volume's PVC) is read, then its PV:
+  tandem's PVs give the volume handle, any other PV and any inline network volume is named
+  as storage tandem cannot fence;
+- pods are deleted (modes fenced and delete-pods) with grace period 0 and a UID precondition. Grace
   0 because the kubelet that would finish a graceful deletion is gone: a graceful delete
   would leave the pod Terminating for as long as the node is down. The UID precondition
   keeps a StatefulSet's replacement pod, which has the same name, from being deleted by a
@@ -28,7 +29,6 @@ API calls, and why each is shaped the way it is:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 import time
@@ -39,8 +39,6 @@ from typing import Any
 
 from csi_driver import node_down as nd
 from csi_driver.config import DRIVER_NAME, ConfigError
-from csi_driver.state import errors as store_errors
-from csi_driver.state.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +47,9 @@ EVENT_NAMESPACE = "default"
 COMPONENT = "tandem-controller"
 PATCH_ATTEMPTS = 5
 EVENT_MESSAGE_MAX = 1024
-INTERVAL_S = 1.0
-# Volume records change rarely and only matter for nodes this process never saw live.
-REFERENCED_REFRESH_S = 15.0
 
 # (taints as JSON, annotations) -> the new (taints, annotations), or None: nothing to change.
+PvInfo = tuple[str | None, str]  # (CSI driver or None, volume handle)
 NodeChange = Callable[
     [list[dict[str, Any]], dict[str, str]],
     tuple[list[dict[str, Any]], dict[str, str]] | None,
@@ -136,15 +132,28 @@ def _taint_json(taint: Any) -> dict[str, Any]:
     return out
 
 
-def _claims(pod: Any) -> list[str]:
-    names = []
-    for volume in pod.spec.volumes or []:
-        if volume.persistent_volume_claim is not None:
-            names.append(volume.persistent_volume_claim.claim_name)
-        elif volume.ephemeral is not None:
-            # A generic ephemeral volume's PVC is named <pod>-<volume>.
-            names.append(f"{pod.metadata.name}-{volume.name}")
-    return names
+# Inline volume kinds that live and die with the node (or are read-only API data): a pod's
+# use of them cannot conflict with a copy of the pod elsewhere. Any other inline kind (nfs,
+# iscsi, an inline CSI volume, ...) is storage tandem cannot fence.
+NODE_LOCAL_KINDS = frozenset({
+    "empty_dir", "config_map", "secret", "projected", "downward_api", "host_path", "image",
+})
+
+
+def _claim(pod: Any, volume: Any) -> str | None:
+    if volume.persistent_volume_claim is not None:
+        return str(volume.persistent_volume_claim.claim_name)
+    if volume.ephemeral is not None:
+        # A generic ephemeral volume's PVC is named <pod>-<volume>.
+        return f"{pod.metadata.name}-{volume.name}"
+    return None
+
+
+def _inline_kind(volume: Any) -> str:
+    for attribute in volume.attribute_map:
+        if attribute != "name" and getattr(volume, attribute, None) is not None:
+            return str(attribute)
+    return "empty_dir"  # a volume with no source is an emptyDir
 
 
 class KubeApi:
@@ -157,13 +166,15 @@ class KubeApi:
 
     # -- reads ----------------------------------------------------------------------------
 
-    def nodes(self) -> list[nd.KubeNode]:
+    def nodes(self, heartbeats: bool = True) -> list[nd.KubeNode]:
+        """Every Node; with ``heartbeats``, each with its kubelet Lease (the fenced modes do
+        without, and their RBAC does not grant Leases)."""
         leases = {
             lease.metadata.name: lease
             for lease in self._coordination.list_namespaced_lease(
                 NODE_LEASE_NAMESPACE, resource_version="0"
             ).items
-        }
+        } if heartbeats else {}
         return [self._node(node, leases.get(node.metadata.name))
                 for node in self._core.list_node(resource_version="0").items]
 
@@ -186,30 +197,49 @@ class KubeApi:
         )
 
     def pod_facts(self, node: str) -> list[nd.PodFacts]:
-        """The pods bound to ``node``, each with whether it uses a tandem volume."""
+        """The pods bound to ``node``: the handles of their tandem volumes, and the storage
+        they use that tandem cannot fence (another driver's or a non-CSI PV, an inline
+        network volume). A claim that is missing or unbound holds no storage."""
         pods = self._core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node}")
-        verdicts: dict[tuple[str, str], bool] = {}
-        drivers: dict[str, str | None] = {}
+        claims: dict[tuple[str, str], PvInfo | None] = {}
+        volumes: dict[str, PvInfo] = {}
         facts = []
         for pod in pods.items:
             meta = pod.metadata
-            uses = any(self._claim_is_tandem(meta.namespace, claim, verdicts, drivers)
-                       for claim in _claims(pod))
+            handles: list[str] = []
+            blockers: list[str] = []
+            for volume in (pod.spec.volumes if pod.spec is not None else None) or []:
+                claim = _claim(pod, volume)
+                if claim is None:
+                    kind = _inline_kind(volume)
+                    if kind not in NODE_LOCAL_KINDS:
+                        blockers.append(f"volume {volume.name} ({kind})")
+                    continue
+                key = (meta.namespace, claim)
+                if key not in claims:
+                    claims[key] = self._claim_volume(meta.namespace, claim, volumes)
+                info = claims[key]
+                if info is None:
+                    continue
+                driver, handle = info
+                if driver == DRIVER_NAME:
+                    handles.append(handle)
+                else:
+                    blockers.append(f"claim {claim} ({driver or 'not a CSI volume'})")
             daemon = any(ref.kind == "DaemonSet" for ref in meta.owner_references or [])
-            facts.append(nd.PodFacts(nd.PodRef(meta.namespace, meta.name, meta.uid or ""),
-                                     uses_tandem=uses, daemon_set=daemon))
+            phase = pod.status.phase if pod.status is not None else None
+            facts.append(nd.PodFacts(
+                nd.PodRef(meta.namespace, meta.name, meta.uid or ""),
+                uses_tandem=bool(handles), daemon_set=daemon, tandem_volumes=tuple(handles),
+                blockers=tuple(blockers), finished=phase in ("Succeeded", "Failed"),
+            ))
         return facts
 
-    def _claim_is_tandem(
-        self, namespace: str, claim: str, verdicts: dict[tuple[str, str], bool],
-        drivers: dict[str, str | None],
-    ) -> bool:
-        key = (namespace, claim)
-        if key not in verdicts:
-            verdicts[key] = self._pv_driver(namespace, claim, drivers) == DRIVER_NAME
-        return verdicts[key]
-
-    def _pv_driver(self, namespace: str, claim: str, drivers: dict[str, str | None]) -> str | None:
+    def _claim_volume(
+        self, namespace: str, claim: str, volumes: dict[str, PvInfo]
+    ) -> PvInfo | None:
+        """(CSI driver or None, volume handle) of the PV bound to the claim; None when the
+        claim or its PV does not exist or the claim is not bound."""
         api_exception = _api_exception()
         try:
             pvc = self._core.read_namespaced_persistent_volume_claim(claim, namespace)
@@ -217,20 +247,19 @@ class KubeApi:
             if _status(exc) == 404:
                 return None
             raise
-        volume = pvc.spec.volume_name if pvc.spec is not None else None
-        if not volume:
+        name = pvc.spec.volume_name if pvc.spec is not None else None
+        if not name:
             return None
-        if volume not in drivers:
+        if name not in volumes:
             try:
-                pv = self._core.read_persistent_volume(volume)
+                pv = self._core.read_persistent_volume(name)
             except api_exception as exc:
                 if _status(exc) != 404:
                     raise
-                drivers[volume] = None
-            else:
-                csi = pv.spec.csi if pv.spec is not None else None
-                drivers[volume] = csi.driver if csi is not None else None
-        return drivers[volume]
+                return None
+            csi = pv.spec.csi if pv.spec is not None else None
+            volumes[name] = (csi.driver, csi.volume_handle) if csi is not None else (None, "")
+        return volumes[name]
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -326,127 +355,3 @@ class KubeApi:
             reporting_instance=self._instance,
         )
         self._core.create_namespaced_event(EVENT_NAMESPACE, body)
-
-
-# -- the loop -----------------------------------------------------------------------------
-
-
-class NodeDownResponder:
-    """Every round: liveness from etcd, nodes from Kubernetes, ``node_down.decide``, apply.
-
-    Errors (etcd, API) are logged and the round is retried next time; nothing here stops
-    the controller. One log line per action: ``node=... action=...``.
-    """
-
-    def __init__(
-        self, store: Store, api: KubeApi, policy: nd.Policy,
-        monotonic: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._store = store
-        self._api = api
-        self._policy = policy
-        self._monotonic = monotonic
-        self.memory = nd.Memory()
-        self._referenced: frozenset[str] | None = None
-        self._referenced_at = 0.0
-        self._last_error = ""
-
-    async def run_forever(self, interval_s: float = INTERVAL_S) -> None:
-        log.info("node-down responder mode=%s grace=%.0fs max-fraction=%g",
-                 self._policy.mode, self._policy.grace_s, self._policy.max_fraction)
-        while True:
-            try:
-                await self.run_once()
-            except Exception as exc:  # never let the responder take the controller down
-                self._error("node-down round failed", exc)
-            await asyncio.sleep(interval_s)
-
-    async def run_once(self) -> tuple[nd.Action, ...]:
-        view = await self._tandem_view()
-        if view is None:
-            return ()
-        try:
-            nodes = await asyncio.to_thread(self._api.nodes)
-        except Exception as exc:
-            self._error("node-down: listing nodes failed", exc)
-            return ()
-        now = self._monotonic()
-        pods: dict[str, list[nd.PodFacts]] = {}
-        complete = True
-        for name in sorted(nd.pods_needed(now, self._policy, nodes, view, self.memory)):
-            try:
-                pods[name] = await asyncio.to_thread(self._api.pod_facts, name)
-            except Exception as exc:
-                complete = False
-                self._error(f"node={name} node-down: listing pods failed", exc)
-        if complete:
-            self._last_error = ""  # the next failure is news again
-        decision = nd.decide(now, self._policy, nodes, view, pods, self.memory)
-        self.memory = decision.memory
-        uids = {n.name: n.uid for n in nodes}
-        skip_events: set[str] = set()  # the action an event reports failed or did nothing
-        for action in decision.actions:
-            if isinstance(action, nd.Event) and action.node in skip_events:
-                continue
-            try:
-                if not await self._apply(action, uids):
-                    skip_events.add(action.node)
-            except Exception as exc:
-                skip_events.add(action.node)
-                log.warning("node=%s action=%s failed: %s", action.node, _name(action), exc)
-        return decision.actions
-
-    async def _apply(self, action: nd.Action, uids: dict[str, str]) -> bool:
-        """Carry out one action; False when it turned out to be a no-op."""
-        if isinstance(action, nd.ApplyTaint):
-            done = await asyncio.to_thread(self._api.apply_taint, action.node)
-            log.info("node=%s action=apply-taint taint=%s:%s applied=%s", action.node,
-                     nd.TAINT_KEY, nd.TAINT_EFFECT, done)
-            return done
-        if isinstance(action, nd.RemoveTaint):
-            done = await asyncio.to_thread(self._api.remove_taint, action.node)
-            log.info("node=%s action=remove-taint taint=%s:%s removed=%s", action.node,
-                     nd.TAINT_KEY, nd.TAINT_EFFECT, done)
-            return done
-        if isinstance(action, nd.DeletePods):
-            deleted = [p for p in action.pods
-                       if await asyncio.to_thread(self._api.delete_pod, p)]
-            log.info("node=%s action=delete-pods grace=0 pods=%s deleted=%d", action.node,
-                     ",".join(str(p) for p in action.pods), len(deleted))
-            return bool(deleted)
-        await asyncio.to_thread(self._api.create_event, action.node, uids.get(action.node, ""),
-                                action.reason, action.message, action.type)
-        log.info("node=%s action=event type=%s reason=%s", action.node, action.type,
-                 action.reason)
-        return True
-
-    async def _tandem_view(self) -> nd.TandemView | None:
-        """Liveness from etcd; None when etcd cannot be read (then nothing is decided)."""
-        try:
-            live = frozenset(v.value.node_id for v in await self._store.list_nodes())
-            now = self._monotonic()
-            if self._referenced is None or now - self._referenced_at >= REFERENCED_REFRESH_S:
-                named: set[str] = set()
-                for versioned in await self._store.list_volumes():
-                    record = versioned.value
-                    named.update(record.replica_nodes(), record.isr)
-                    if record.owner:
-                        named.add(record.owner)
-                self._referenced, self._referenced_at = frozenset(named), now
-        except store_errors.StoreError as exc:
-            self._error("node-down: etcd unreadable, no decision this round", exc)
-            return None
-        return nd.TandemView(live=live, referenced=self._referenced)
-
-    def _error(self, what: str, exc: BaseException) -> None:
-        text = f"{what}: {exc}"
-        if text != self._last_error:
-            log.warning("%s", text)
-            self._last_error = text
-        else:
-            log.debug("%s", text)
-
-
-def _name(action: nd.Action) -> str:
-    return {nd.ApplyTaint: "apply-taint", nd.RemoveTaint: "remove-taint",
-            nd.DeletePods: "delete-pods", nd.Event: "event"}[type(action)]

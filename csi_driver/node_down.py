@@ -36,9 +36,13 @@ Idempotent: with the state the actions produce, the next round yields no action.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-MODES = ("taint", "delete-pods")
+# "fenced" and "fenced-taint" act per pod on tandem's own evidence (csi_driver.node_down_fenced);
+# "taint" and "delete-pods" act per node once tandem's lease and the kubelet's are both silent.
+FENCED_MODES = ("fenced", "fenced-taint")
+KUBELET_MODES = ("taint", "delete-pods")
+MODES = FENCED_MODES + KUBELET_MODES
 TAINT_KEY = "node.kubernetes.io/out-of-service"
 TAINT_VALUE = "nodeshutdown"
 TAINT_EFFECT = "NoExecute"
@@ -71,11 +75,22 @@ class KubeNode:
 
 
 @dataclass(frozen=True)
+class VolumeFacts:
+    """One volume as etcd says now: who holds its ownership claim, and its in-sync replicas."""
+
+    volume_id: str
+    claim: str | None  # node whose target holds ``owners/<volume>``; None: no live claim
+    isr: frozenset[str]
+
+
+@dataclass(frozen=True)
 class TandemView:
-    """What etcd says: nodes whose lease is alive, and nodes named by a volume record."""
+    """What etcd says: nodes whose lease is alive, nodes named by a volume record, and (the
+    fenced modes) the volumes the pods of dead nodes use, by volume handle."""
 
     live: frozenset[str]
     referenced: frozenset[str] = frozenset()
+    volumes: Mapping[str, VolumeFacts] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -95,6 +110,11 @@ class PodFacts:
     pod: PodRef
     uses_tandem: bool
     daemon_set: bool = False  # recreated on the same node: deleting it gains nothing
+    tandem_volumes: tuple[str, ...] = ()  # volume handles of its tandem PVs
+    # Storage tandem cannot fence (another driver's PV, an inline network volume): named,
+    # so the event can say why the pod is left alone.
+    blockers: tuple[str, ...] = ()
+    finished: bool = False  # phase Succeeded or Failed: holds nothing, gains nothing
 
 
 @dataclass(frozen=True)
@@ -120,6 +140,7 @@ class Memory:
     heartbeats: Mapping[str, tuple[str, float]] = field(default_factory=dict)  # value, seen
     seen_live: frozenset[str] = frozenset()  # live in etcd at some round of this process
     warned: frozenset[str] = frozenset()  # refusal already reported for these nodes
+    reported: frozenset[str] = frozenset()  # fenced modes: "why not" already said, per pod
 
 
 # -- outputs ------------------------------------------------------------------------------
@@ -169,15 +190,49 @@ class _Observed:
     due: tuple[str, ...]  # dead >= grace and kubelet silent >= its threshold, sorted
 
 
+def known_nodes(
+    nodes: Sequence[KubeNode], tandem: TandemView, memory: Memory
+) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+    """(known, dead, seen_live): nodes tandem knows that exist in Kubernetes, those of them
+    not live in etcd now, and every node this process has seen live (kept while it exists)."""
+    names = frozenset(n.name for n in nodes)
+    live = tandem.live
+    seen_live = (memory.seen_live | live) & (names | live)
+    known = (live | tandem.referenced | seen_live) & names
+    return known, known - live, seen_live
+
+
+def untaint(nodes: Sequence[KubeNode], tandem: TandemView) -> list[Action]:
+    """Every mode: a node live in etcd again loses the taint tandem applied to it."""
+    actions: list[Action] = []
+    for name in sorted(n.name for n in nodes if n.ours and n.name in tandem.live):
+        actions.append(RemoveTaint(name))
+        actions.append(Event(name, REASON_UNTAINTED, "tandem: the node is live again; removed "
+                             f"the {TAINT_KEY} taint tandem applied", "Normal"))
+    return actions
+
+
+def too_many_dead(policy: Policy, known: frozenset[str], dead: frozenset[str]) -> bool:
+    return len(dead) > policy.max_fraction * len(known)
+
+
+def refusals(
+    candidates: Sequence[str], known: frozenset[str], dead: frozenset[str], policy: Policy,
+    memory: Memory,
+) -> list[Action]:
+    """One Warning per candidate node (once while the refusal lasts): too many look dead."""
+    return [Event(name, REASON_REFUSED, (
+        f"tandem: {len(dead)} of {len(known)} known nodes look dead (more than "
+        f"{policy.max_fraction:g} of them); not acting on any: more likely an etcd or "
+        "network problem than dead nodes"))
+        for name in candidates if name not in memory.warned]
+
+
 def _observe(
     now: float, policy: Policy, nodes: Sequence[KubeNode], tandem: TandemView, memory: Memory
 ) -> _Observed:
     by_name = {n.name: n for n in nodes}
-    names = frozenset(by_name)
-    live = tandem.live
-    seen_live = (memory.seen_live | live) & (names | live)
-    known = (live | tandem.referenced | seen_live) & names
-    dead = known - live
+    known, dead, seen_live = known_nodes(nodes, tandem, memory)
     dead_since = {n: memory.dead_since.get(n, now) for n in dead}
     heartbeats: dict[str, tuple[str, float]] = {}
     for node in nodes:
@@ -195,8 +250,8 @@ def _observe(
                             KUBELET_SILENT_FRACTION * by_name[name].heartbeat_period_s)
         if now - beat[1] >= silent_needed:
             due.append(name)
-    updated = Memory(dead_since=dead_since, heartbeats=heartbeats, seen_live=seen_live,
-                     warned=memory.warned)
+    updated = replace(memory, dead_since=dead_since, heartbeats=heartbeats,
+                      seen_live=seen_live)
     return _Observed(updated, known, dead, tuple(due))
 
 
@@ -227,14 +282,11 @@ def decide(
     """
     if tandem is None:
         return Decision((), memory)
+    if policy.mode in FENCED_MODES:
+        raise ValueError(f"mode {policy.mode!r} decides in csi_driver.node_down_fenced")
     seen = _observe(now, policy, nodes, tandem, memory)
     by_name = {n.name: n for n in nodes}
-    actions: list[Action] = []
-
-    for name in sorted(n.name for n in nodes if n.ours and n.name in tandem.live):
-        actions.append(RemoveTaint(name))
-        actions.append(Event(name, REASON_UNTAINTED, "tandem: the node is live again; removed "
-                             f"the {TAINT_KEY} taint tandem applied", "Normal"))
+    actions = untaint(nodes, tandem)
 
     candidates: list[tuple[str, tuple[PodRef, ...]]] = []
     for name in seen.due:
@@ -250,16 +302,10 @@ def decide(
             if victims:
                 candidates.append((name, victims))
 
-    limit = policy.max_fraction * len(seen.known)
-    if candidates and len(seen.dead) > limit:
-        warned = frozenset(name for name, _ in candidates)
-        for name, _ in candidates:
-            if name not in seen.memory.warned:
-                actions.append(Event(name, REASON_REFUSED, (
-                    f"tandem: {len(seen.dead)} of {len(seen.known)} known nodes look dead "
-                    f"(more than {policy.max_fraction:g} of them); not acting on any: more "
-                    "likely an etcd or network problem than dead nodes")))
-        return Decision(tuple(actions), _with_warned(seen.memory, warned))
+    if candidates and too_many_dead(policy, seen.known, seen.dead):
+        names = [name for name, _ in candidates]
+        actions += refusals(names, seen.known, seen.dead, policy, seen.memory)
+        return Decision(tuple(actions), _with_warned(seen.memory, frozenset(names)))
 
     for name, victims in candidates:
         dead_for = now - seen.memory.dead_since[name]
@@ -281,5 +327,4 @@ def decide(
 
 
 def _with_warned(memory: Memory, warned: frozenset[str]) -> Memory:
-    return Memory(dead_since=memory.dead_since, heartbeats=memory.heartbeats,
-                  seen_live=memory.seen_live, warned=warned)
+    return replace(memory, warned=warned)

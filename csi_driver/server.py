@@ -30,11 +30,12 @@ from csi_driver.config import ControllerConfig, NodeConfig
 from csi_driver.controller import ControllerServicer
 from csi_driver.health import HealthServer
 from csi_driver.identity import IdentityServicer
-from csi_driver.kube_api import NodeDownResponder, connect
+from csi_driver.kube_api import connect
 from csi_driver.locks import VolumeLocks
 from csi_driver.membership import Membership
 from csi_driver.node import NodeServicer
 from csi_driver.node_down import Policy
+from csi_driver.node_down_loop import NodeDownResponder
 from csi_driver.ownership import Ownership
 from csi_driver.reconciler import Reconciler
 from csi_driver.replica_access import StoreReplicaAccess

@@ -137,6 +137,9 @@ def _bring_up(
         "--etcd-endpoints", ",".join(etcd.endpoints),
         "--replace-dead-after", str(replace_dead_after_s),
         "--agent-key-file", str(agent_key_paths(directory)[0]),
+        # Never the default: on a machine that is itself a pod, the default would find that
+        # cluster's API and act on its nodes.
+        "--node-down-responder", "off",
     ]
     ctl = procs.spawn("controller", ctl_argv, directory / "logs" / "controller.log")
     ledger.record_proc(ctl)

@@ -342,6 +342,8 @@ BASE_OBJECTS = {
     ("RoleBinding", "tandem-external-resizer-cfg"),
     ("ClusterRole", "tandem-node"),
     ("ClusterRoleBinding", "tandem-node"),
+    ("ClusterRole", "tandem-node-down-fenced"),
+    ("ClusterRoleBinding", "tandem-node-down-fenced"),
     *ETCD_OBJECTS,
     ("Deployment", "tandem-controller"),
     ("DaemonSet", "tandem-node"),
@@ -465,19 +467,21 @@ def test_controller_deployment(
         "--default-replicas", "3", "--replace-dead-after", "300",
     ]
     responder = argv[12:]
+    default = ["--node-down-responder", "fenced"]
     if RESPONDER in TARGETS[target][1]:
-        assert responder == ["--node-down-responder", "taint", "--node-down-grace", "30"]
+        # appended: the last --node-down-responder wins
+        assert responder == [*default, "--node-down-responder", "taint",
+                             "--node-down-grace", "30"]
     else:
-        assert responder == []
+        assert responder == default
     for c in pod["containers"]:
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
         assert mounts.get("/csi") == "socket-dir", f"{c['name']} does not share the socket"
     (creds,) = [v for v in pod["volumes"] if v["name"] == "controller-credentials"]
     assert creds["secret"] == {"secretName": "tandem-controller-credentials",
                                "defaultMode": 0o400}
-    # The real CLI accepts the flags (the responder's once the CLI has them).
-    if "--node-down-responder" not in _controller_options():
-        argv = argv[:12]
+    # The real CLI accepts the flags.
+    assert "--node-down-responder" in _controller_options()
     started = _fake_server(monkeypatch)
     args = cli.build_parser().parse_args([_expand(a, _env(docs, tandem)) for a in argv[1:]])
     assert args.func(args) == 0
@@ -485,8 +489,10 @@ def test_controller_deployment(
     assert key_path == "/etc/tandem/controller-credentials/agent.key"
     assert config.default_replicas == 3
     assert config.replace_after_s == 300
-    if len(argv) > 12:
+    if RESPONDER in TARGETS[target][1]:
         assert (config.node_down_mode, config.node_down_grace_s) == ("taint", 30)
+    else:
+        assert config.node_down_mode == "fenced"
 
 
 def test_provisioner_flags(rendered: dict[str, list[Doc]]) -> None:
@@ -621,12 +627,14 @@ PROVISIONER_AND_RESIZER = {
     *(("storage.k8s.io", "csistoragecapacities", verb)
       for verb in ("get", "list", "watch", "create", "update", "patch", "delete")),
 }
-RESPONDER_GRANTS = {
-    ("", "nodes", "get"), ("", "nodes", "list"), ("", "nodes", "watch"),
-    ("", "nodes", "patch"), ("", "pods", "list"), ("", "pods", "delete"),
+# The default mode (fenced) can delete pods, never patch a node or read kubelet Leases.
+FENCED_GRANTS = {
+    ("", "nodes", "get"), ("", "nodes", "list"), ("", "pods", "list"), ("", "pods", "delete"),
     ("", "events", "create"), ("", "events", "patch"),
     ("", "persistentvolumeclaims", "get"), ("", "persistentvolumes", "get"),
-    ("coordination.k8s.io", "leases", "list"),
+}
+RESPONDER_GRANTS = FENCED_GRANTS | {
+    ("", "nodes", "watch"), ("", "nodes", "patch"), ("coordination.k8s.io", "leases", "list"),
 }
 
 
@@ -637,13 +645,15 @@ def test_rbac(rendered: dict[str, list[Doc]], target: str) -> None:
     missing = PROVISIONER_AND_RESIZER - controller
     assert not missing, f"controller lacks {sorted(missing)}"
     assert _granted(docs, "tandem-node") == {("", "nodes", "get")}
-    # Nothing may touch secrets; deleting pods and patching nodes only through the
-    # responder's own role, which only its component binds.
+    # Nothing may touch secrets; deleting pods only through the responder's roles, patching
+    # nodes only through the role its component binds.
     assert not any(resource == "secrets" for _, resource, _ in controller)
-    responder = ("ClusterRoleBinding", "tandem-node-down-responder")
-    others = [d for d in docs if (d["kind"], d["metadata"]["name"]) != responder]
+    responders = {("ClusterRoleBinding", "tandem-node-down-responder"),
+                  ("ClusterRoleBinding", "tandem-node-down-fenced")}
+    others = [d for d in docs if (d["kind"], d["metadata"]["name"]) not in responders]
     powerful = {("", "pods", "delete"), ("", "nodes", "patch")}
     assert not powerful & _granted(others, "tandem-controller")
+    assert not FENCED_GRANTS - controller, sorted(FENCED_GRANTS - controller)
     if RESPONDER in TARGETS[target][1]:
         assert not RESPONDER_GRANTS - controller, sorted(RESPONDER_GRANTS - controller)
         # Kubelet Leases: read-only, and only in their own namespace.
@@ -654,7 +664,8 @@ def test_rbac(rendered: dict[str, list[Doc]], target: str) -> None:
         assert role["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
                                   "verbs": ["get", "list"]}]
     else:
-        assert not powerful & controller
+        assert ("", "nodes", "patch") not in controller
+        assert not [d for d in docs if d["metadata"].get("namespace") == NODE_LEASE_NAMESPACE]
 
 
 # --- images, env -----------------------------------------------------------------------

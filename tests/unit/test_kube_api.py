@@ -1,27 +1,21 @@
 """The node-down responder's Kubernetes edge (csi_driver.kube_api) and its loop.
 
 UNIT TESTS OF OUR TRANSLATION ONLY. No Kubernetes API server can be installed on this
-machine, so these tests run against ``FakeCore`` / ``FakeCoordination``: fakes of the few
-``kubernetes.client.CoreV1Api`` / ``CoordinationV1Api`` methods kube_api calls. They hold
-and return the client's real model objects (``V1Node``, ``V1Pod``, ...), so attribute names
-are the client's own, and they enforce what the API server would for our requests: a JSON
-Patch that sets ``metadata.resourceVersion`` is refused with 409 when the Node moved on, a
-delete's UID precondition is honoured, 404 for what does not exist. The last tests put the
-real client on top of ``StubApiServer``, a few REST paths served over HTTP on 127.0.0.1, to see
-what actually goes on the wire (JSON Patch content type, query, bodies). What none of this can
-show is that a real API server, RBAC or admission agree; that needs a cluster.
+machine, so these tests run against the fakes of tests/kube_fakes.py (``FakeCore``,
+``FakeCoordination``), which hold the client's real model objects and enforce what the API
+server would for our requests. The last tests put the real client on top of
+``StubApiServer``, a few REST paths served over HTTP on 127.0.0.1, to see what actually goes
+on the wire (JSON Patch content type, query, bodies). What none of this can show is that a
+real API server, RBAC or admission agree; that needs a cluster.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import logging
 import threading
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -34,197 +28,21 @@ from kubernetes.client.exceptions import ApiException
 from csi_driver import kube_api
 from csi_driver import node_down as nd
 from csi_driver.config import DRIVER_NAME, ConfigError
-from csi_driver.kube_api import KubeApi, KubeConflictError, NodeDownResponder
+from csi_driver.kube_api import KubeApi, KubeConflictError
+from csi_driver.node_down_loop import NodeDownResponder
 from csi_driver.state import errors as store_errors
 from csi_driver.state.model import (
     NodeRecord,
+    OwnerClaim,
     ReplicaRef,
     ReplicaState,
     Versioned,
     VolumePhase,
     VolumeRecord,
 )
-
-# -- fakes ------------------------------------------------------------------------------------
-
-
-def _node(name: str, taints: list[k8s.V1Taint] | None = None,
-          annotations: dict[str, str] | None = None) -> k8s.V1Node:
-    return k8s.V1Node(
-        metadata=k8s.V1ObjectMeta(name=name, uid=f"uid-{name}", resource_version="1",
-                                  annotations=annotations),
-        spec=k8s.V1NodeSpec(taints=taints),
-    )
-
-
-def _pod(name: str, node: str, claims: Sequence[str] = (), *, ns: str = "ns",
-         ephemeral: Sequence[str] = (), owner: str | None = None) -> k8s.V1Pod:
-    volumes = [
-        k8s.V1Volume(name=f"v-{c}", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
-            claim_name=c))
-        for c in claims
-    ]
-    volumes += [k8s.V1Volume(name=e, ephemeral=k8s.V1EphemeralVolumeSource()) for e in ephemeral]
-    volumes.append(k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource()))
-    owners = [k8s.V1OwnerReference(api_version="apps/v1", kind=owner, name="o", uid="o")] \
-        if owner else None
-    return k8s.V1Pod(
-        metadata=k8s.V1ObjectMeta(name=name, namespace=ns, uid=f"uid-{name}",
-                                  owner_references=owners),
-        spec=k8s.V1PodSpec(node_name=node, containers=[k8s.V1Container(name="c")],
-                           volumes=volumes),
-    )
-
-
-def _not_found() -> ApiException:
-    return ApiException(status=404, reason="Not Found")
-
-
-@dataclass
-class FakeCore:
-    """The CoreV1Api methods kube_api calls, over an in-memory cluster."""
-
-    nodes: dict[str, k8s.V1Node] = field(default_factory=dict)
-    pods: list[k8s.V1Pod] = field(default_factory=list)
-    pvcs: dict[tuple[str, str], k8s.V1PersistentVolumeClaim] = field(default_factory=dict)
-    pvs: dict[str, k8s.V1PersistentVolume] = field(default_factory=dict)
-    events: list[tuple[str, k8s.CoreV1Event]] = field(default_factory=list)
-    deletes: list[tuple[str, str, k8s.V1DeleteOptions]] = field(default_factory=list)
-    patches: list[list[dict[str, Any]]] = field(default_factory=list)
-    calls: list[str] = field(default_factory=list)
-    after_read: Callable[[str], None] | None = None  # runs after read_node: a concurrent writer
-    fail: dict[str, ApiException] = field(default_factory=dict)  # method -> error to raise
-
-    def _call(self, method: str) -> None:
-        self.calls.append(method)
-        if method in self.fail:
-            raise self.fail[method]
-
-    def list_node(self, resource_version: str | None = None) -> k8s.V1NodeList:
-        self._call("list_node")
-        assert resource_version == "0"  # from the watch cache
-        return k8s.V1NodeList(items=[copy.deepcopy(n) for n in self.nodes.values()])
-
-    def read_node(self, name: str) -> k8s.V1Node:
-        self._call("read_node")
-        if name not in self.nodes:
-            raise _not_found()
-        out = copy.deepcopy(self.nodes[name])
-        if self.after_read is not None:
-            self.after_read(name)
-        return out
-
-    def patch_node(self, name: str, body: Any) -> k8s.V1Node:
-        self._call("patch_node")
-        assert isinstance(body, list), "a JSON Patch (list) in every client version"
-        json.dumps(body)  # plain JSON, nothing the client would have to serialize
-        node = self.nodes[name]
-        ops = {op["path"]: op for op in body}
-        assert set(ops) == {"/metadata/resourceVersion", "/spec/taints", "/metadata/annotations"}
-        assert ops["/metadata/resourceVersion"]["op"] == "replace"
-        if ops["/metadata/resourceVersion"]["value"] != node.metadata.resource_version:
-            raise ApiException(status=409, reason="Conflict")
-        new = copy.deepcopy(node)
-        new.spec.taints = [k8s.V1Taint(key=t["key"], effect=t["effect"], value=t.get("value"),
-                                       time_added=t.get("timeAdded"))
-                           for t in ops["/spec/taints"]["value"]] or None
-        new.metadata.annotations = dict(ops["/metadata/annotations"]["value"]) or None
-        new.metadata.resource_version = str(int(node.metadata.resource_version) + 1)
-        self.nodes[name] = new
-        self.patches.append(body)
-        return copy.deepcopy(new)
-
-    def touch(self, name: str, **changes: Any) -> None:
-        """Another writer changes the Node (bumps its resourceVersion)."""
-        node = self.nodes[name]
-        for key, value in changes.items():
-            setattr(node.spec if key == "taints" else node.metadata, key, value)
-        node.metadata.resource_version = str(int(node.metadata.resource_version) + 1)
-
-    def list_pod_for_all_namespaces(self, field_selector: str) -> k8s.V1PodList:
-        self._call("list_pod_for_all_namespaces")
-        key, _, node = field_selector.partition("=")
-        assert key == "spec.nodeName"
-        return k8s.V1PodList(items=[copy.deepcopy(p) for p in self.pods
-                                    if p.spec.node_name == node])
-
-    def read_namespaced_persistent_volume_claim(
-        self, name: str, namespace: str
-    ) -> k8s.V1PersistentVolumeClaim:
-        self._call("read_namespaced_persistent_volume_claim")
-        if (namespace, name) not in self.pvcs:
-            raise _not_found()
-        return self.pvcs[(namespace, name)]
-
-    def read_persistent_volume(self, name: str) -> k8s.V1PersistentVolume:
-        self._call("read_persistent_volume")
-        if name not in self.pvs:
-            raise _not_found()
-        return self.pvs[name]
-
-    def delete_namespaced_pod(self, name: str, namespace: str,
-                              body: k8s.V1DeleteOptions) -> k8s.V1Pod:
-        self._call("delete_namespaced_pod")
-        self.deletes.append((namespace, name, body))
-        for p in self.pods:
-            if (p.metadata.namespace, p.metadata.name) == (namespace, name):
-                if body.preconditions and body.preconditions.uid != p.metadata.uid:
-                    raise ApiException(status=409, reason="Conflict")
-                self.pods.remove(p)
-                return p
-        raise _not_found()
-
-    def create_namespaced_event(self, namespace: str, body: k8s.CoreV1Event) -> k8s.CoreV1Event:
-        self._call("create_namespaced_event")
-        self.events.append((namespace, body))
-        return body
-
-    # -- building the cluster --
-
-    def bind(self, ns: str, claim: str, pv: str | None, driver: str | None) -> None:
-        self.pvcs[(ns, claim)] = k8s.V1PersistentVolumeClaim(
-            metadata=k8s.V1ObjectMeta(name=claim, namespace=ns),
-            spec=k8s.V1PersistentVolumeClaimSpec(volume_name=pv),
-        )
-        if pv is not None and driver is not None:
-            self.pvs[pv] = k8s.V1PersistentVolume(
-                metadata=k8s.V1ObjectMeta(name=pv),
-                spec=k8s.V1PersistentVolumeSpec(
-                    csi=k8s.V1CSIPersistentVolumeSource(driver=driver, volume_handle=pv)),
-            )
-        elif pv is not None:  # not a CSI volume at all
-            self.pvs[pv] = k8s.V1PersistentVolume(
-                metadata=k8s.V1ObjectMeta(name=pv),
-                spec=k8s.V1PersistentVolumeSpec(
-                    host_path=k8s.V1HostPathVolumeSource(path="/x")),
-            )
-
-
-@dataclass
-class FakeCoordination:
-    """kubelet Leases in kube-node-lease; ``renew`` is what a live kubelet does."""
-
-    leases: dict[str, k8s.V1Lease] = field(default_factory=dict)
-    ticks: int = 0
-
-    def renew(self, node: str) -> None:
-        self.ticks += 1
-        when = datetime(2025, 1, 1, tzinfo=UTC) + timedelta(microseconds=self.ticks)
-        self.leases[node] = k8s.V1Lease(
-            metadata=k8s.V1ObjectMeta(name=node, namespace="kube-node-lease"),
-            spec=k8s.V1LeaseSpec(holder_identity=node, lease_duration_seconds=40,
-                                 renew_time=when),
-        )
-
-    def list_namespaced_lease(self, namespace: str,
-                              resource_version: str | None = None) -> k8s.V1LeaseList:
-        assert namespace == "kube-node-lease" and resource_version == "0"
-        return k8s.V1LeaseList(items=list(self.leases.values()))
-
-
-def api(core: FakeCore, coordination: FakeCoordination | None = None) -> KubeApi:
-    return KubeApi(core, coordination or FakeCoordination(), instance="ctl-0")
-
+from tests.kube_fakes import FakeCoordination, FakeCore, api
+from tests.kube_fakes import node as _node
+from tests.kube_fakes import pod as _pod
 
 # -- reading nodes ----------------------------------------------------------------------------
 
@@ -395,6 +213,8 @@ def test_pod_facts_resolve_pvc_to_pv_to_driver() -> None:
     core.bind("ns", "local", "pv-3", None)  # hostPath PV
     core.bind("ns", "pending", None, None)  # unbound
     core.bind("ns", "web-1-scratch", "pv-4", DRIVER_NAME)  # generic ephemeral volume's PVC
+    done = _pod("batch", "a", ["data-db-0"])
+    done.status = k8s.V1PodStatus(phase="Succeeded")
     core.pods = [
         _pod("db-0", "a", ["data-db-0"]),
         _pod("db-1", "a", ["other", "data-db-0"]),
@@ -402,16 +222,43 @@ def test_pod_facts_resolve_pvc_to_pv_to_driver() -> None:
         _pod("web-1", "a", ephemeral=["scratch"]),
         _pod("agent", "a", ["data-db-0"], owner="DaemonSet"),
         _pod("elsewhere", "b", ["data-db-0"]),
+        done,
     ]
     facts = {f.pod.name: f for f in api(core).pod_facts("a")}
-    assert set(facts) == {"db-0", "db-1", "app", "web-1", "agent"}
-    assert facts["db-0"] == nd.PodFacts(nd.PodRef("ns", "db-0", "uid-db-0"), True, False)
-    assert facts["db-1"].uses_tandem
-    assert not facts["app"].uses_tandem
-    assert facts["web-1"].uses_tandem
+    assert set(facts) == {"db-0", "db-1", "app", "web-1", "agent", "batch"}
+    assert facts["db-0"] == nd.PodFacts(nd.PodRef("ns", "db-0", "uid-db-0"), True, False,
+                                        tandem_volumes=("pv-1",))
+    assert facts["db-1"].uses_tandem and facts["db-1"].tandem_volumes == ("pv-1",)
+    assert facts["db-1"].blockers == ("claim other (ebs.csi.aws.com)",)
+    assert not facts["app"].uses_tandem and not facts["app"].tandem_volumes
+    # a missing or unbound claim holds no storage; a non-CSI PV is not tandem's to fence
+    assert facts["app"].blockers == ("claim other (ebs.csi.aws.com)",
+                                     "claim local (not a CSI volume)")
+    assert facts["web-1"].uses_tandem and facts["web-1"].tandem_volumes == ("pv-4",)
     assert facts["agent"].uses_tandem and facts["agent"].daemon_set
+    assert facts["batch"].finished and not facts["db-0"].finished
     # one read per claim and per PV, however many pods share them
+    assert core.calls.count("read_namespaced_persistent_volume_claim") == 6
     assert core.calls.count("read_persistent_volume") == 4
+
+
+def test_pod_facts_name_inline_storage_tandem_cannot_fence() -> None:
+    core = FakeCore()
+    pod = _pod("p", "a")
+    assert pod.spec is not None and pod.spec.volumes is not None
+    pod.spec.volumes += [
+        k8s.V1Volume(name="conf", config_map=k8s.V1ConfigMapVolumeSource(name="c")),
+        k8s.V1Volume(name="sec", secret=k8s.V1SecretVolumeSource(secret_name="s")),
+        k8s.V1Volume(name="info", downward_api=k8s.V1DownwardAPIVolumeSource()),
+        k8s.V1Volume(name="tok", projected=k8s.V1ProjectedVolumeSource(sources=[])),
+        k8s.V1Volume(name="logs", host_path=k8s.V1HostPathVolumeSource(path="/var/log")),
+        k8s.V1Volume(name="share", nfs=k8s.V1NFSVolumeSource(server="nfs", path="/x")),
+        k8s.V1Volume(name="inline", csi=k8s.V1CSIVolumeSource(driver="secrets.example")),
+    ]
+    core.pods = [pod]
+    (facts,) = api(core).pod_facts("a")
+    assert facts.blockers == ("volume share (nfs)", "volume inline (csi)")
+    assert not facts.uses_tandem
 
 
 def test_pod_facts_propagate_errors_other_than_not_found() -> None:
@@ -522,6 +369,8 @@ class FakeStore:
     volumes: list[Versioned[VolumeRecord]] = field(default_factory=list)
     error: Exception | None = None
     volume_lists: int = 0
+    claims: dict[str, str] = field(default_factory=dict)  # volume -> claim holder
+    volume_reads: list[str] = field(default_factory=list)
 
     async def list_nodes(self) -> list[Versioned[NodeRecord]]:
         if self.error is not None:
@@ -533,6 +382,18 @@ class FakeStore:
             raise self.error
         self.volume_lists += 1
         return list(self.volumes)
+
+    async def get_volume(self, volume_id: str) -> Versioned[VolumeRecord] | None:
+        if self.error is not None:
+            raise self.error
+        self.volume_reads.append(volume_id)
+        return next((v for v in self.volumes if v.value.volume_id == volume_id), None)
+
+    async def get_owner(self, volume_id: str) -> OwnerClaim | None:
+        if self.error is not None:
+            raise self.error
+        node = self.claims.get(volume_id)
+        return OwnerClaim(node, 1) if node is not None else None
 
 
 @dataclass
@@ -568,7 +429,7 @@ class World:
 def test_loop_taints_a_dead_node_and_untaints_it_when_back(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="csi_driver.kube_api")
+    caplog.set_level(logging.INFO, logger="csi_driver.node_down_loop")
     world = World(nd.Policy("taint", grace_s=30.0))
     world.step()
     world.kill("n2")
@@ -595,7 +456,7 @@ def test_loop_taints_a_dead_node_and_untaints_it_when_back(
 
 
 def test_loop_delete_pods_mode(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="csi_driver.kube_api")
+    caplog.set_level(logging.INFO, logger="csi_driver.node_down_loop")
     world = World(nd.Policy("delete-pods", grace_s=30.0))
     world.core.bind("ns", "data-db-0", "pv-1", DRIVER_NAME)
     world.core.pods = [_pod("db-0", "n2", ["data-db-0"]), _pod("web", "n2"),
@@ -613,6 +474,57 @@ def test_loop_delete_pods_mode(caplog: pytest.LogCaptureFixture) -> None:
     assert event.reason == nd.REASON_PODS_DELETED and "ns/db-0" in event.message
     assert "node=n2 action=delete-pods grace=0 pods=ns/db-0 deleted=1" in caplog.text
     assert world.core.nodes["n2"].spec.taints is None  # no taint in this mode
+    world.step()
+    assert len(world.core.deletes) == 1
+
+
+def test_loop_fenced_mode_moves_a_pod_once_its_claim_lapses(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="csi_driver.node_down_loop")
+    world = World(nd.Policy("fenced"))
+    world.core.bind("ns", "data-db-0", "pv-1", DRIVER_NAME)
+    world.core.bind("ns", "data-db-1", "pv-2", DRIVER_NAME)
+    world.store.volumes = [_volume("pv-1", ["n2", "n1"], "n2"), _volume("pv-2", ["n1"], "n1")]
+    world.store.claims = {"pv-1": "n2", "pv-2": "n1"}
+    world.core.pods = [_pod("db-0", "n2", ["data-db-0"]), _pod("web", "n2"),
+                       _pod("db-1", "n1", ["data-db-1"])]
+    world.step()
+    assert "list_pod_for_all_namespaces" not in world.core.calls  # nobody dead: no reads
+    assert world.store.volume_reads == []
+    world.store.live.discard("n2")  # tandem's lease lapsed; the kubelet still renews
+    assert world.step() == ()  # n2's target still holds pv-1's claim
+    assert world.store.volume_reads == ["pv-1"]
+    del world.store.claims["pv-1"]  # ... until its lease lapses too
+    world.step()
+    assert [p.metadata.name for p in world.core.pods] == ["web", "db-1"]
+    (ns, name, options), = world.core.deletes
+    assert (ns, name, options.grace_period_seconds) == ("ns", "db-0", 0)
+    (_, event), = world.core.events
+    assert event.reason == nd.REASON_PODS_DELETED and "ns/db-0 (pv-1)" in event.message
+    assert "node=n2 action=delete-pods grace=0 pods=ns/db-0 deleted=1" in caplog.text
+    for _ in range(5):
+        assert world.step() == ()
+    assert len(world.core.deletes) == 1
+    assert world.coordination.lists == 0  # no kubelet Leases: its RBAC does not grant them
+
+
+def test_loop_fenced_mode_etcd_error_on_volumes_decides_nothing() -> None:
+    world = World(nd.Policy("fenced"))
+    world.core.bind("ns", "data-db-0", "pv-1", DRIVER_NAME)
+    world.store.volumes = [_volume("pv-1", ["n2", "n1"], None)]
+    world.core.pods = [_pod("db-0", "n2", ["data-db-0"])]
+    world.step()
+    world.store.live.discard("n2")
+    real = world.store.get_owner
+
+    async def failing(volume_id: str) -> OwnerClaim | None:
+        raise store_errors.StoreUnavailableError("etcd down")
+
+    world.store.get_owner = failing  # type: ignore[method-assign]
+    assert world.step() == ()
+    assert world.core.deletes == []
+    world.store.get_owner = real  # type: ignore[method-assign]
     world.step()
     assert len(world.core.deletes) == 1
 
@@ -879,7 +791,8 @@ def test_wire_pods_delete_and_event(stub: StubApiServer) -> None:
                       "spec": {"csi": {"driver": DRIVER_NAME, "volumeHandle": "v1"}}}
     kube = _real_client(stub.url)
     (facts,) = kube.pod_facts("a")
-    assert facts == nd.PodFacts(nd.PodRef("ns", "db-0", "uid-db-0"), True, False)
+    assert facts == nd.PodFacts(nd.PodRef("ns", "db-0", "uid-db-0"), True, False,
+                                tandem_volumes=("v1",))
     assert stub.requests[0][2]["fieldSelector"] == ["spec.nodeName=a"]
 
     assert kube.delete_pod(facts.pod) is True

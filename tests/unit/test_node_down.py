@@ -571,7 +571,8 @@ def states(draw: st.DrawFn) -> tuple[
                                          frozenset(referenced) | draw(outsiders))
     if draw(mostly_false):
         view = None  # etcd unreachable
-    policy = Policy(draw(st.sampled_from(nd.MODES)), draw(st.sampled_from([5.0, 30.0, 90.0])),
+    policy = Policy(draw(st.sampled_from(nd.KUBELET_MODES)),
+                    draw(st.sampled_from([5.0, 30.0, 90.0])),
                     draw(st.sampled_from([0.25, 0.5, 1.0, 1.0])))
     memory = Memory(dead_since=dead_since, heartbeats=heartbeats,
                     seen_live=frozenset(seen) | draw(outsiders),
@@ -612,7 +613,7 @@ def dead_clusters(draw: st.DrawFn) -> State:
              for n in names]
     memory = Memory(dead_since={n: 0.0 for n in dead}, heartbeats={n: ("h", 0.0) for n in names},
                     seen_live=frozenset(names))
-    policy = Policy(draw(st.sampled_from(nd.MODES)), 30.0,
+    policy = Policy(draw(st.sampled_from(nd.KUBELET_MODES)), 30.0,
                     draw(st.sampled_from([0.25, 0.5, 0.75, 1.0])))
     pods = {n: [pod(f"p{i}", tandem=draw(st.booleans()), daemon=draw(st.booleans()))
                 for i in range(draw(st.integers(0, 3)))] for n in names}
@@ -690,9 +691,21 @@ def base(tmp_path: Path) -> list[str]:
             "--agent-key-file", str(tmp_path / "credentials" / "agent.key")]
 
 
-def test_flags_default_off(base: list[str]) -> None:
+@pytest.mark.parametrize(("kubeconfig", "environ", "mode"), [
+    (None, {}, "off"),  # outside Kubernetes there is nothing to respond to
+    (None, {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, "fenced"),  # in a pod
+    (None, {"KUBERNETES_SERVICE_HOST": ""}, "off"),
+    ("/k/config", {}, "fenced"),
+])
+def test_default_mode_is_fenced_where_there_is_a_kubernetes_api(
+    kubeconfig: str | None, environ: dict[str, str], mode: str,
+) -> None:
+    assert cfg.default_node_down_mode(kubeconfig, environ) == mode
+
+
+def test_flags_defaults(base: list[str]) -> None:
     args = cli.build_parser().parse_args(base)
-    assert args.node_down_responder == "off"
+    assert args.node_down_responder is None  # resolved by default_node_down_mode
     assert args.node_down_grace == 30.0 == cfg.DEFAULT_NODE_DOWN_GRACE_S
     assert args.node_down_max_fraction == 0.5
     assert args.kubeconfig is None
