@@ -21,11 +21,11 @@ StatefulSet and ReadWriteOncePod included: the old pod object is exactly what ho
 Mode ``fenced-taint`` does the same and also applies the out-of-service taint to N (which
 keeps the scheduler off N and hands N's other pods to Kubernetes' fast path), but the taint
 is node-wide, so only when every pod on N is covered: tandem pods moved (this round or an
-earlier one), none waiting, and no pod on N with storage tandem cannot fence. No grace and no kubelet Lease: the
-evidence is the lapsed claims, which takes one lease TTL. The ``max_fraction`` guard and
-the removal of tandem's own taint when the node is live again are the same as in the
-kubelet-gated modes. Idempotent: with the state the actions produce, the next round
-yields no action.
+earlier one), none waiting, and no pod on N with storage tandem cannot fence. No grace and
+no kubelet Lease: the evidence is the lapsed claims, which takes one lease TTL. The
+``max_fraction`` guard and the removal of tandem's own taint when the node is live again are
+the same as in the kubelet-gated modes. Idempotent: with the state the actions produce, the
+next round yields no action.
 """
 
 from __future__ import annotations

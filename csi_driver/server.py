@@ -173,6 +173,7 @@ async def run_node(config: NodeConfig) -> None:
     pool = _open_pool(config)
     store = EtcdStore(list(config.etcd.endpoints), prefix=config.etcd.prefix)
     targets = TargetProcesses(config, lambda vid: _replica_path(pool, vid))
+    targets.adopt()
     await targets.prepare()
     ownership = Ownership(store, config.node_id, config.lease_ttl_s,
                           config.lease_ttl_s + CLAIM_WAIT_EXTRA_S)

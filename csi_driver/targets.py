@@ -1,10 +1,17 @@
-"""Starts and stops the per-volume target processes of this node (``target_main``).
+"""Starts, stops and re-adopts the per-volume target processes of this node (``target_main``).
 
-Each target is a child of the node process: its first stdout line says ``READY`` once the
+Each target is started by the node process: its first stdout line says ``READY`` once the
 NBD export serves, or ``FAILED <reason>`` when the volume cannot be served (e.g. "none of the
 in-sync replicas could be fenced"); its log goes to ``<state_dir>/targets/<volume>.log``, and
 a reaper task waits for it so no zombie is left. The stage never waits on the child's exit:
 a failed target's teardown happens in the background, bounded by STOP_GRACE_S and SIGKILL.
+
+A target outlives the node process that started it (it keeps its own claim's lease alive and
+serves its export by itself), so a restart of the node process must not interrupt a volume's
+I/O, and the new process must be able to stop what the old one started. Each ready target
+therefore has ``<volume>.pid`` (pid and start time); ``adopt`` takes back every target whose
+identity still matches after a restart and removes stale files. An adopted target is not our
+child: it is stopped by signal and watched by identity, not waited for.
 """
 
 from __future__ import annotations
@@ -20,18 +27,33 @@ import stat
 import sys
 import tempfile
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from csi_driver import errors
 from csi_driver.config import NodeConfig
 from csi_driver.ownership import OwnerLease
+from replication.atomic_file import write_atomic
+from replication.proc_identity import start_ticks
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0
 _SUN_PATH_MAX = 100
 STOP_GRACE_S = 15.0
+_GONE_POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class Adopted:
+    """A target a previous node process started: identified by pid and start time."""
+
+    pid: int
+    start: int
+
+    def alive(self) -> bool:
+        return start_ticks(self.pid) == self.start
 
 
 class TargetProcesses:
@@ -43,6 +65,7 @@ class TargetProcesses:
         self._local_replica = local_replica
         self._dir = private_dir(config.state_dir / "targets")
         self._procs: dict[str, asyncio.subprocess.Process] = {}
+        self._adopted: dict[str, Adopted] = {}
         self._spare: asyncio.subprocess.Process | None = None
         self._preparing = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -63,7 +86,43 @@ class TargetProcesses:
 
     def running(self, volume_id: str) -> bool:
         proc = self._procs.get(volume_id)
-        return proc is not None and proc.returncode is None
+        if proc is not None:
+            return proc.returncode is None
+        adopted = self._adopted.get(volume_id)
+        return adopted is not None and adopted.alive()
+
+    def adopt(self) -> list[str]:
+        """Take back the targets a previous node process left running; forget the rest.
+        Returns the adopted volumes. Call once, before serving."""
+        for path in sorted(self._dir.glob("*.pid")):
+            volume_id = path.name.removesuffix(".pid")
+            try:
+                data = json.loads(path.read_bytes())
+                target = Adopted(int(data["pid"]), int(data["start"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                target = None
+            if target is not None and target.alive():
+                self._adopted[volume_id] = target
+                log.info("volume=%s node=%s target pid=%d adopted (left running by the "
+                         "previous node process)", volume_id, self._config.node_id, target.pid)
+            else:
+                path.unlink(missing_ok=True)
+        return sorted(self._adopted)
+
+    def _pidfile(self, volume_id: str) -> Path:
+        return self._dir / f"{volume_id}.pid"
+
+    def _remember(self, volume_id: str, pid: int) -> None:
+        start = start_ticks(pid)
+        if start is None:
+            return  # gone already: the reaper sees it
+        try:
+            write_atomic(self._pidfile(volume_id),
+                         json.dumps({"pid": pid, "start": start}).encode())
+        except OSError as exc:
+            # Serving goes on; only a restart of this process could not take it back.
+            log.warning("volume=%s node=%s cannot record target pid %d: %s", volume_id,
+                        self._config.node_id, pid, exc)
 
     async def _argv(self, volume_id: str, lease: OwnerLease) -> list[str]:
         c = self._config
@@ -144,6 +203,7 @@ class TargetProcesses:
                 f"volume {volume_id} cannot be served: {reason or _last_line(log_path)}"
             )
         self._procs[volume_id] = proc
+        self._remember(volume_id, proc.pid)
         self._background(self._reap(volume_id, proc))
         log.info("volume=%s node=%s target pid=%d ready", volume_id, self._config.node_id,
                  proc.pid)
@@ -167,11 +227,16 @@ class TargetProcesses:
                 self._config.node_id, rc)
         if self._procs.get(volume_id) is proc:
             del self._procs[volume_id]
+            self._pidfile(volume_id).unlink(missing_ok=True)
 
     async def stop(self, volume_id: str) -> None:
         proc = self._procs.get(volume_id)
         if proc is not None:
             await self._kill(proc)
+        adopted = self._adopted.pop(volume_id, None)
+        if adopted is not None:
+            await _stop_adopted(volume_id, adopted)
+            self._pidfile(volume_id).unlink(missing_ok=True)
 
     @staticmethod
     async def _reap_failed(volume_id: str, proc: asyncio.subprocess.Process) -> None:
@@ -218,6 +283,21 @@ def private_dir(path: Path) -> Path:
     if st.st_mode & 0o077:
         os.chmod(path, 0o700)  # ours: tighten it (an older release made it 0755)
     return path
+
+
+async def _stop_adopted(volume_id: str, target: Adopted) -> None:
+    """SIGTERM (the target flushes and releases its claim), SIGKILL after STOP_GRACE_S; wait
+    until the identity is gone (init reaps it: it is not our child)."""
+    for sig, grace in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, STOP_GRACE_S)):
+        if not target.alive():
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target.pid, sig)
+        deadline = asyncio.get_running_loop().time() + grace
+        while target.alive() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(_GONE_POLL_S)
+    if target.alive():
+        log.error("volume=%s adopted target pid=%d survived SIGKILL", volume_id, target.pid)
 
 
 def lease_args(lease: OwnerLease) -> list[str]:

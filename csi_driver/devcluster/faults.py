@@ -80,20 +80,44 @@ def revive_node(directory: Path, node_id: str, *, timeout_s: float = 60.0) -> No
         busy = procs.is_running(rec) or (node.netns and netns.netns_pids(node.netns))
         if busy:
             raise ClusterError(f"{node_id} is still running; kill_node() it first")
-        prefix: list[str] = []
         if node.netns:
             netns.set_node_link(*_veth(ledger, node), up=True)
-            prefix = netns.nsenter_prefix(node.netns)
-        with open(node.log, "a") as log:
-            log.write(f"=== revive_node {node_id} at {time.strftime('%Y-%m-%dT%H:%M:%S')} ===\n")
-        new = procs.spawn(
-            node_id, node.argv, Path(node.log), netns=node.netns, prefix=prefix, append_log=True,
-        )
-        ledger.record_proc(new)
-        nodes = tuple(dataclasses.replace(n, pid=new.pid) if n.id == node_id else n
-                      for n in spec.nodes)
-        write_spec(dataclasses.replace(spec, nodes=nodes))
-        procs.wait_ready({node_id: partial(procs.csi_ready, node.csi_endpoint)}, [new], deadline)
+        _start_node_process(spec, node, ledger, "revive_node", deadline)
+
+
+def restart_node_process(
+    directory: Path, node_id: str, *, graceful: bool = True, timeout_s: float = 60.0,
+) -> None:
+    """Restart only the node plugin process, as a rollout (graceful: SIGTERM) or a crash
+    (SIGKILL) of its container would: the targets and attachments it started keep running in
+    the node's namespace, and the new process must take them back."""
+    directory = Path(directory).resolve()
+    deadline = time.monotonic() + timeout_s
+    with locked(directory):
+        spec, node, ledger, rec = _load(directory, node_id)
+        if graceful:
+            left = [r.pid for r in procs.stop([rec])]
+        else:
+            left = procs.kill_pids([rec.pid]) if procs.is_running(rec) else []
+        if left:
+            raise ClusterError(f"{node_id}: node process {left} did not stop")
+        _start_node_process(spec, node, ledger, "restart_node_process", deadline)
+
+
+def _start_node_process(
+    spec: ClusterSpec, node: NodeSpec, ledger: Ledger, why: str, deadline: float,
+) -> None:
+    prefix = netns.nsenter_prefix(node.netns) if node.netns else []
+    with open(node.log, "a") as log:
+        log.write(f"=== {why} {node.id} at {time.strftime('%Y-%m-%dT%H:%M:%S')} ===\n")
+    new = procs.spawn(
+        node.id, node.argv, Path(node.log), netns=node.netns, prefix=prefix, append_log=True,
+    )
+    ledger.record_proc(new)
+    nodes = tuple(dataclasses.replace(n, pid=new.pid) if n.id == node.id else n
+                  for n in spec.nodes)
+    write_spec(dataclasses.replace(spec, nodes=nodes))
+    procs.wait_ready({node.id: partial(procs.csi_ready, node.csi_endpoint)}, [new], deadline)
 
 
 def partition_node(

@@ -156,3 +156,33 @@ def test_sockets_only_in_a_private_directory(tmp_path: Path) -> None:
     link.symlink_to(ours)
     with pytest.raises(errors.FailedPreconditionError):
         targets.private_dir(link)
+
+
+def test_a_new_node_process_adopts_the_targets_the_last_one_left(tmp_path: Path) -> None:
+    """The first process starts a target and goes away; the next one takes it back from its
+    pidfile (identity checked), can stop it, and forgets stale and garbled pidfiles."""
+    script = "import time; print('READY', flush=True); time.sleep(60)"
+
+    async def first(procs: ScriptedTargets) -> None:
+        await procs.start("vol-1", LEASE)
+
+    async def go() -> None:
+        old = ScriptedTargets(_config(tmp_path), script)
+        await first(old)
+        (child,) = old.spawned
+        directory = tmp_path / "state" / "targets"
+        (directory / "vol-2.pid").write_text('{"pid": 1, "start": 0}')  # pid reused
+        (directory / "vol-3.pid").write_text("garbage")
+        new = ScriptedTargets(_config(tmp_path), script)
+        assert new.adopt() == ["vol-1"]
+        assert new.running("vol-1") and not new.running("vol-2")
+        assert sorted(p.name for p in directory.glob("*.pid")) == ["vol-1.pid"]
+        # A stage of the same volume finds it serving and starts nothing.
+        assert await new.start("vol-1", LEASE) == new.socket_path("vol-1")
+        assert new.spawned == []
+        await new.stop("vol-1")
+        assert await asyncio.wait_for(child.wait(), 5) == -15  # SIGTERM
+        assert not new.running("vol-1")
+        assert not (directory / "vol-1.pid").exists()
+
+    asyncio.run(go())
