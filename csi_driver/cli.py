@@ -79,6 +79,17 @@ def cmd_controller(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node_front(args: argparse.Namespace) -> int:
+    from csi_driver.node_front import run
+
+    csi_socket = cfg.parse_unix_endpoint(args.csi_endpoint, "--csi-endpoint")
+    backend = cfg.parse_unix_endpoint(args.data_plane_endpoint, "--data-plane-endpoint")
+    if backend == csi_socket:
+        raise cfg.ConfigError("--data-plane-endpoint must differ from --csi-endpoint")
+    _run(run(csi_socket, f"unix://{backend}"))
+    return 0
+
+
 def cmd_node(args: argparse.Namespace) -> int:
     from csi_driver.server import run_node
     from replication.heap import keep_large_buffers_on_heap
@@ -156,6 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the API server's address for the responder, e.g. "
                      "https://10.0.0.1:6443, where the Service address would need kube-proxy")
     ctl.set_defaults(func=cmd_controller)
+
+    front = sub.add_parser(
+        "node-front", help="serve kubelet's CSI node socket, forwarding to this node's data "
+        "plane (tandem node), so the plugin can restart without touching any I/O")
+    front.add_argument("--csi-endpoint", required=True, help="unix:///path/to/csi.sock")
+    front.add_argument("--data-plane-endpoint", required=True,
+                       help="the CSI socket of this node's `tandem node`, unix:///path")
+    front.add_argument("--log-level", default="info")
+    front.set_defaults(func=cmd_node_front)
 
     node = sub.add_parser("node", help="run the CSI node plugin on this node")
     _add_daemon_flags(node)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -526,3 +528,107 @@ def test_provisioner_extra_metadata_parameters_are_accepted(kube: Kube) -> None:
         raise KubeletError("CreateVolume with StorageClass parameters", exc) from exc
     kube.fault.volumes.append(volume.volume_id)
     assert volume.volume_context.get("fsType") == "ext4"
+
+
+# -- (7) kubelet through the node front (deploy: the CSI plugin apart from the data plane) ---
+
+
+class Front:
+    """``tandem node-front`` for one node, as its own process."""
+
+    def __init__(self, socket: Path, backend: str) -> None:
+        self.socket, self.backend = socket, backend
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> CsiClient:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "csi_driver.cli", "node-front", "--csi-endpoint",
+             f"unix://{self.socket}", "--data-plane-endpoint", self.backend],
+            stdin=subprocess.DEVNULL)
+        client = CsiClient(f"unix://{self.socket}", timeout_s=10)
+        grpc.channel_ready_future(client.channel).result(timeout=30)
+        return client
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def test_kubelet_through_the_node_front_and_its_restart_under_writes(
+    kube: Kube, tmp_path: Path,
+) -> None:
+    node = "node-2"
+    front = Front(tmp_path / "front.sock", kube.fault.spec.node(node).csi_endpoint)
+    kubelet = kube.kubelet(node)
+    direct = kubelet.csi
+    try:
+        kubelet.csi = front.start()
+        assert kubelet.register().node_id == node  # NodeGetInfo, forwarded
+        pv = kube.provision(replicas=3)
+        kubelet.mount_device(pv)
+        pod = new_pod()
+        target = kubelet.set_up(pv, pod)
+        stop, errors, written = threading.Event(), list[str](), list[int]()
+
+        def pod_writes() -> None:  # bounded: stops when told, or after 2,000 writes
+            for i in range(2000):
+                if stop.is_set():
+                    return
+                try:
+                    write_file(target / f"f{i % 8}", i.to_bytes(8, "big") * 512)
+                    written.append(i)
+                except OSError as exc:
+                    errors.append(f"write {i}: {exc}")
+
+        writer = threading.Thread(target=pod_writes)
+        writer.start()
+        try:
+            time.sleep(0.5)
+            front.stop()  # a rollout of the node plugin DaemonSet
+            kubelet.csi.close()
+            kubelet.csi = front.start()
+            before = len(written)
+            time.sleep(1.0)
+        finally:
+            stop.set()
+            writer.join(30)
+        assert errors == [], errors
+        assert len(written) > before, "the pod wrote nothing after the front restarted"
+        # Every call keeps working through the new front; errors keep their status.
+        stats = kubelet.volume_stats(pv, target)
+        assert not stats.volume_condition.abnormal, stats.volume_condition.message
+        with pytest.raises(grpc.RpcError) as refused:
+            kubelet.csi.node.NodeUnstageVolume(
+                csi_pb2.NodeUnstageVolumeRequest(volume_id="", staging_target_path="/x"))
+        assert refused.value.code() is Code.INVALID_ARGUMENT
+        assert "volume_id" in (refused.value.details() or "")
+        assert kubelet.tear_down(pv, pod)
+        kubelet.unmount_device(pv)
+        assert record_of(kube.fault, pv)[0] is None
+    finally:
+        kubelet.csi.close()
+        kubelet.csi = direct
+        front.stop()
+
+
+def test_node_front_without_its_data_plane(tmp_path: Path) -> None:
+    """Identity stays answered (kubelet's registrar and liveness probe must not depend on
+    the data plane); Node calls answer UNAVAILABLE, which kubelet retries."""
+    front = Front(tmp_path / "front.sock", f"unix://{tmp_path / 'absent.sock'}")
+    client = front.start()
+    try:
+        info = client.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=10)
+        assert info.name == "tandem.csi.io"
+        assert client.identity.Probe(csi_pb2.ProbeRequest(), timeout=10).ready.value
+        with pytest.raises(grpc.RpcError) as down:
+            client.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=10)
+        assert down.value.code() is Code.UNAVAILABLE
+        assert "data plane" in (down.value.details() or "")
+    finally:
+        client.close()
+        front.stop()

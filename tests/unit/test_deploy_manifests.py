@@ -47,6 +47,7 @@ TESTDRIVER = DEPLOY / "e2e" / "testdriver.yaml"
 NAMESPACE = "tandem-system"
 DRIVER = "tandem.csi.io"
 PLUGIN_DIR = f"/var/lib/kubelet/plugins/{DRIVER}"
+DATAPLANE_DIR = "/var/lib/tandem-dataplane"
 # Oldest and newest Kubernetes releases the manifests must be valid for: csi-provisioner v6
 # and csi-resizer v2 need 1.34 (storage/v1 VolumeAttributesClass); 1.37 is the newest the
 # installed kubernetes-validate bundles (kubernetes_validate.utils.all_versions()).
@@ -347,6 +348,7 @@ BASE_OBJECTS = {
     *ETCD_OBJECTS,
     ("Deployment", "tandem-controller"),
     ("DaemonSet", "tandem-node"),
+    ("DaemonSet", "tandem-csi-node"),
 }
 RESPONDER_OBJECTS = {(kind, "tandem-node-down-responder")
                      for kind in ("ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")}
@@ -526,14 +528,14 @@ def test_node_daemonset_is_privileged_on_the_host_network(
     assert pod["hostNetwork"] is True
     assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert pod["serviceAccountName"] == "tandem-node"
-    # tandem first: the overlays' JSON patches append to containers[0].
-    assert [c["name"] for c in pod["containers"]] == [
-        "tandem", "node-driver-registrar", "liveness-probe",
-    ]
+    # tandem first: the overlays' JSON patches append to containers[0]. No registrar: the
+    # kubelet-facing plugin is tandem-csi-node.
+    assert [c["name"] for c in pod["containers"]] == ["tandem", "liveness-probe"]
     tandem = _container(pod, "tandem")
     assert tandem["securityContext"]["privileged"] is True
     assert _argv(tandem)[:20] == [
-        "tandem", "node", "--node-id", "$(NODE_NAME)", "--csi-endpoint", "unix:///csi/csi.sock",
+        "tandem", "node", "--node-id", "$(NODE_NAME)",
+        "--csi-endpoint", "unix:///dataplane/csi.sock",
         "--agent-listen", "$(POD_IP):7001", "--replica-listen", "$(POD_IP):7002",
         "--etcd-endpoints", "$(ETCD_ENDPOINTS)", "--state-dir", "/var/lib/tandem",
         "--cluster-secret-file", "/etc/tandem/credentials/cluster-secret",
@@ -562,15 +564,54 @@ def test_node_mounts(rendered: dict[str, list[Doc]], target: str) -> None:
     kubelet = by_container["/var/lib/kubelet"]
     assert host_paths[kubelet["name"]] == "/var/lib/kubelet"
     assert kubelet["mountPropagation"] == "Bidirectional"
-    assert host_paths[by_container["/csi"]["name"]] == PLUGIN_DIR
+    assert "/csi" not in by_container  # kubelet's plugin socket belongs to tandem-csi-node
+    assert host_paths[by_container["/dataplane"]["name"]] == DATAPLANE_DIR
     assert host_paths[by_container["/dev"]["name"]] == "/dev"
     overlay = TARGETS[target][0].removeprefix("overlays/")
     state = STATE_HOST_PATH.get(overlay, "/var/lib/tandem")
     assert host_paths[by_container["/var/lib/tandem"]["name"]] == state
+    probe = _container(pod, "liveness-probe")
+    assert "--csi-address=/dataplane/csi.sock" in probe["args"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_data_plane_is_upgraded_only_by_drain_and_the_front_rolls(
+    rendered: dict[str, list[Doc]], target: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    docs = rendered[target]
+    data_plane = _one(docs, "DaemonSet", "tandem-node")
+    assert data_plane["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    csi_node = _one(docs, "DaemonSet", "tandem-csi-node")
+    assert csi_node["spec"]["updateStrategy"]["type"] == "RollingUpdate"
+    pod = _pod_spec(docs, "DaemonSet", "tandem-csi-node")
+    assert pod["automountServiceAccountToken"] is False
+    assert not pod.get("hostNetwork")
+    assert [c["name"] for c in pod["containers"]] == [
+        "front", "node-driver-registrar", "liveness-probe"]
+    front = _container(pod, "front")
+    assert not front.get("securityContext", {}).get("privileged")
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    mounts = {m["mountPath"]: host_paths[m["name"]] for m in front["volumeMounts"]}
+    assert mounts == {"/csi": PLUGIN_DIR, "/dataplane": DATAPLANE_DIR}
     registrar = _container(pod, "node-driver-registrar")
     assert f"--kubelet-registration-path={PLUGIN_DIR}/csi.sock" in registrar["args"]
     reg_mounts = {host_paths[m["name"]]: m["mountPath"] for m in registrar["volumeMounts"]}
     assert reg_mounts == {PLUGIN_DIR: "/csi", "/var/lib/kubelet/plugins_registry": "/registration"}
+    # The front forwards to the socket the data plane serves.
+    data_plane_argv = _argv(_container(_pod_spec(docs, "DaemonSet", "tandem-node"), "tandem"))
+    backend = data_plane_argv[data_plane_argv.index("--csi-endpoint") + 1]
+    assert _argv(front) == ["tandem", "node-front", "--csi-endpoint", "unix:///csi/csi.sock",
+                            "--data-plane-endpoint", backend]
+    # The real CLI accepts them.
+    served: list[tuple[object, str]] = []
+
+    async def fake_run(csi_socket: object, backend_target: str) -> None:
+        served.append((csi_socket, backend_target))
+
+    monkeypatch.setattr("csi_driver.node_front.run", fake_run)
+    args = cli.build_parser().parse_args(_argv(front)[1:])
+    assert args.func(args) == 0
+    assert served == [(Path("/csi/csi.sock"), "unix:///dataplane/csi.sock")]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
