@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from replication.proc_identity import start_ticks
 from tests.fault.conftest import Fault, assert_clean, start_writer
 
 WRITE_AFTER_S = 2.0
+FIO_RUNTIME_S = 12
 
 
 def _longest_gap(writes: list[WriteRecord], since: float) -> float:
@@ -80,3 +82,36 @@ def test_restarting_a_node_plugin_under_writes_fails_no_io(fault: Fault, gracefu
     takeover, device = fault.take_over(other, local)
     assert takeover.attempts == 1, takeover
     assert_clean(device, logs[0])
+
+
+def test_fio_sees_no_error_while_every_node_plugin_restarts(fault: Fault) -> None:
+    """The issue's check: fio with verification on a volume while each node's plugin is
+    restarted in turn (its owner's first, then the two replica nodes')."""
+    volume_id, placed = fault.create()
+    owner = placed[0]
+    device = fault.stage_publish(owner, volume_id)
+    order = [owner, *(n.id for n in fault.spec.nodes if n.id != owner)]
+    output = fault.work / "fio.json"
+    fio = subprocess.Popen([
+        "fio", "--name=restart", f"--filename={device}", "--rw=randwrite", "--bs=4k",
+        "--direct=1", "--ioengine=libaio", "--iodepth=16", "--size=32M", "--time_based",
+        f"--runtime={FIO_RUNTIME_S}", "--verify=crc32c", "--verify_backlog=256",
+        "--verify_fatal=1", "--output-format=json", f"--output={output}",
+    ], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        time.sleep(1.0)
+        for i, node in enumerate(order):
+            devcluster.restart_node_process(fault.dir, node, graceful=i % 2 == 0)
+            time.sleep(1.0)
+        _, stderr = fio.communicate(timeout=FIO_RUNTIME_S + 60)
+    finally:
+        if fio.poll() is None:
+            fio.kill()
+            fio.wait()
+    assert fio.returncode == 0, stderr.decode(errors="replace")[-2000:]
+    (job,) = json.loads(output.read_text())["jobs"]
+    assert job["error"] == 0, job["error"]
+    assert job["write"]["total_ios"] > 0
+    print(f"fio: {job['write']['total_ios']} writes verified, 0 errors, while "
+          f"{', '.join(order)} restarted; longest completion latency "
+          f"{job['write']['clat_ns']['max'] / 1e9:.2f} s")
