@@ -30,6 +30,8 @@ def dump_state(backend: ReplicatedBackend, server: NbdServer) -> None:
             sorted(b._dropping), clients, nbd)
     except Exception:  # a dump that fails must not take the target down
         log.exception("volume=%s state dump failed", b.volume_id)
+    for i, conn in enumerate(server.connections):
+        log.warning("volume=%s nbd connection %d: %s", b.volume_id, i, _connection_state(conn))
     for task in asyncio.all_tasks():
         out = io.StringIO()
         try:
@@ -38,3 +40,22 @@ def dump_state(backend: ReplicatedBackend, server: NbdServer) -> None:
             out.write(repr(task))
         log.warning("volume=%s task %s:\n%s", b.volume_id, task.get_name(),
                     out.getvalue().rstrip())
+
+
+def _connection_state(conn: object) -> str:
+    """Flow control of one NBD connection: what would stop it from reading requests or
+    sending replies (a stall with nothing in flight at the backend shows up here)."""
+    fields = {name: getattr(conn, attr, "?") for name, attr in (
+        ("read_paused", "_read_paused"), ("write_paused", "_write_paused"),
+        ("soon_in_flight", "_soon_in_flight"), ("draining", "_draining"),
+        ("hangup", "_hangup"), ("flush_scheduled", "_flush_scheduled"))}
+    fields["backlog"] = len(getattr(conn, "_backlog", ()))
+    fields["tasks"] = len(getattr(conn, "_tasks", ()))
+    fields["pending_reply_parts"] = len(getattr(conn, "_pending", ()))
+    transport = getattr(conn, "_transport", None)
+    if transport is not None:
+        fields["transport_closing"] = transport.is_closing()
+        is_reading = getattr(transport, "is_reading", None)
+        fields["transport_reading"] = is_reading() if callable(is_reading) else "?"
+        fields["transport_write_buffer"] = transport.get_write_buffer_size()
+    return " ".join(f"{k}={v}" for k, v in fields.items())

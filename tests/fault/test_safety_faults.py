@@ -169,5 +169,8 @@ def test_a_target_dumps_its_state_on_sigusr1(fault: Fault) -> None:
         time.sleep(0.1)
     text = log.read_text()
     assert "state dump: isr=" in text and "gate_open=True" in text and "task " in text, text[-2000:]
+    # the NBD connection's flow control: what would keep requests from reaching the backend
+    assert "nbd connection 0: read_paused=False write_paused=False" in text, text[-2000:]
+    assert "transport_reading=True" in text and "backlog=0" in text, text[-2000:]
     assert "dump failed" not in text
     assert write_one(device, WriterLog(), new_writer_id(), 0, 1) is not None
