@@ -1,35 +1,27 @@
 """EtcdStore: the Store contract implemented over etcd's v3 gRPC API.
 
-Talks to etcd with ``grpc.aio`` through the stubs generated from proto/etcd.proto.
-Every unary call carries a deadline; UNAVAILABLE fails over to the next endpoint
-and, when all fail, surfaces as StoreUnavailableError (as does DEADLINE_EXCEEDED).
-Channels are opened lazily so a store can be built outside the event loop, but
-one store must only be used from one loop. Key layout: docs/state-schema.md.
+Each method is the Store guarantee it documents, written as etcd requests: reads are
+linearizable Ranges, volume writes are Txns guarded by compares (etcd_ops builds them),
+node and claim keys are bound to leases. How a call reaches etcd (channels, deadlines,
+endpoint failover) is ``etcd_transport``'s; the watch stream is ``etcd_watch``'s.
+Key layout: docs/state-schema.md.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-import grpc
-import grpc.aio
-
-from csi_driver._gen import etcd_pb2, etcd_pb2_grpc
+from csi_driver._gen import etcd_pb2
 from csi_driver.state.errors import (
     AlreadyExistsError,
-    CompactedError,
     ConflictError,
     InvariantError,
     LeaseExpiredError,
     StoreError,
-    StoreUnavailableError,
 )
 from csi_driver.state.etcd_ops import (
-    CHANNEL_OPTIONS,
     compare_create,
     compare_mod,
     compare_value,
@@ -38,12 +30,13 @@ from csi_driver.state.etcd_ops import (
     endpoint_target,
     first_kv,
     get_op,
-    map_error,
     prefix_end,
     put_op,
     stream_write,
     txn_op,
 )
+from csi_driver.state.etcd_transport import EtcdStatus, EtcdTransport, KeepAliveCall, Stubs
+from csi_driver.state.etcd_watch import watch_stream
 from csi_driver.state.lease import LeaseKeeper
 from csi_driver.state.model import (
     NodeRecord,
@@ -53,36 +46,11 @@ from csi_driver.state.model import (
     transition_problem,
 )
 from csi_driver.state.progress import ProgressMixin
-from csi_driver.state.store import WATCH_KINDS, Store, WatchEvent, WatchEventType
+from csi_driver.state.store import WATCH_KINDS, Store, Watch
 
 __all__ = ["EtcdStatus", "EtcdStore", "LeaseKeeper", "endpoint_target", "prefix_end"]
 
 R = TypeVar("R")
-
-KeepAliveCall = grpc.aio.StreamStreamCall[
-    etcd_pb2.LeaseKeepAliveRequest, etcd_pb2.LeaseKeepAliveResponse
-]
-
-
-@dataclass(frozen=True)
-class EtcdStatus:
-    """Maintenance.Status of the member a store is talking to."""
-
-    version: str
-    db_size: int
-    leader: int
-    raft_index: int
-    raft_term: int
-    member_id: int
-    revision: int
-
-
-@dataclass(frozen=True)
-class _Stubs:
-    kv: etcd_pb2_grpc.KVAsyncStub
-    watch: etcd_pb2_grpc.WatchAsyncStub
-    lease: etcd_pb2_grpc.LeaseAsyncStub
-    maintenance: etcd_pb2_grpc.MaintenanceAsyncStub
 
 
 def _conflict(
@@ -97,13 +65,9 @@ class EtcdStore(ProgressMixin, Store):
     def __init__(
         self, endpoints: Sequence[str], prefix: str = "/tandem/", timeout_s: float = 5.0
     ) -> None:
-        self._targets = [endpoint_target(e) for e in endpoints]
-        if not self._targets:
-            raise ValueError("at least one etcd endpoint is required")
+        self._transport = EtcdTransport(endpoints, timeout_s)
         self._prefix = prefix if prefix.endswith("/") else prefix + "/"
         self._timeout_s = timeout_s
-        self._channels: dict[int, tuple[grpc.aio.Channel, _Stubs]] = {}
-        self._current = 0  # index of the endpoint that last answered
 
     @property
     def prefix(self) -> str:
@@ -113,43 +77,10 @@ class EtcdStore(ProgressMixin, Store):
         """The etcd key of one record, e.g. key("volumes", "vol-1")."""
         return f"{self._prefix}{kind}/{ident}".encode()
 
-    # -- transport -----------------------------------------------------------------------
+    # -- requests ------------------------------------------------------------------------
 
-    def _stubs(self, index: int) -> _Stubs:
-        if index not in self._channels:
-            channel = grpc.aio.insecure_channel(self._targets[index], options=CHANNEL_OPTIONS)
-            stubs = _Stubs(
-                kv=etcd_pb2_grpc.KVStub(channel),
-                watch=etcd_pb2_grpc.WatchStub(channel),
-                lease=etcd_pb2_grpc.LeaseStub(channel),
-                maintenance=etcd_pb2_grpc.MaintenanceStub(channel),
-            )
-            self._channels[index] = (channel, stubs)
-        return self._channels[index][1]
-
-    async def _rpc(self, what: str, call: Callable[[_Stubs], Awaitable[R]]) -> R:
-        """Run ``call`` against the current endpoint, failing over on UNAVAILABLE.
-
-        A write that hit UNAVAILABLE mid-flight may have been applied before it is
-        retried elsewhere. Volume writes are CAS, so such a retry reports a conflict
-        or already-exists carrying the applied state; node puts are idempotent; a
-        retried lease grant can leave an unused lease behind, which simply expires.
-        """
-        last: grpc.aio.AioRpcError | None = None
-        count = len(self._targets)
-        for attempt in range(count):
-            index = (self._current + attempt) % count
-            try:
-                result = await call(self._stubs(index))
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() is not grpc.StatusCode.UNAVAILABLE:
-                    raise map_error(exc, what) from exc
-                last = exc
-                continue
-            self._current = index
-            return result
-        assert last is not None
-        raise map_error(last, f"{what} (all {count} endpoints)") from last
+    async def _rpc(self, what: str, call: Callable[[Stubs], Awaitable[R]]) -> R:
+        return await self._transport.rpc(what, call)
 
     async def _range(self, req: etcd_pb2.RangeRequest, what: str) -> etcd_pb2.RangeResponse:
         return await self._rpc(what, lambda s: s.kv.Range(req, timeout=self._timeout_s))
@@ -322,7 +253,7 @@ class EtcdStore(ProgressMixin, Store):
         return resp.ID
 
     async def keep_alive_once(self, lease_id: int) -> int:
-        async def once(stubs: _Stubs) -> etcd_pb2.LeaseKeepAliveResponse:
+        async def once(stubs: Stubs) -> etcd_pb2.LeaseKeepAliveResponse:
             call = stubs.lease.LeaseKeepAlive(None, timeout=self._timeout_s)
             try:
                 await stream_write(call, etcd_pb2.LeaseKeepAliveRequest(ID=lease_id))
@@ -352,84 +283,25 @@ class EtcdStore(ProgressMixin, Store):
         req = etcd_pb2.RangeRequest(key=self._prefix.encode(), count_only=True)
         return (await self._range(req, "current revision")).header.revision
 
-    async def _open_watch(
-        self, stubs: _Stubs, create: etcd_pb2.WatchCreateRequest
-    ) -> grpc.aio.StreamStreamCall[etcd_pb2.WatchRequest, etcd_pb2.WatchResponse]:
-        call = stubs.watch.Watch(None)  # long-lived: only the handshake has a deadline
-        try:
-            await stream_write(call, etcd_pb2.WatchRequest(create_request=create))
-            resp = await asyncio.wait_for(call.read(), self._timeout_s)
-        except TimeoutError as exc:
-            call.cancel()
-            raise StoreUnavailableError("watch: no answer to the create request") from exc
-        except BaseException:
-            call.cancel()
-            raise
-        if not isinstance(resp, etcd_pb2.WatchResponse) or not resp.created or resp.canceled:
-            call.cancel()
-            reason = resp.cancel_reason if isinstance(resp, etcd_pb2.WatchResponse) else "EOF"
-            raise StoreError(f"watch was not created: {reason}")
-        return call
-
-    async def watch_prefix(
-        self, kind: str, start_revision: int | None = None
-    ) -> AsyncIterator[WatchEvent]:
+    def watch_prefix(self, kind: str, start_revision: int | None = None) -> Watch:
         if kind not in WATCH_KINDS:
             raise ValueError(f"unknown watch kind {kind!r}; expected one of {WATCH_KINDS}")
         start = f"{self._prefix}{kind}/".encode()
-        create = etcd_pb2.WatchCreateRequest(
-            key=start, range_end=prefix_end(start), start_revision=start_revision or 0
-        )
-        call = await self._rpc(f"watch {kind}", lambda s: self._open_watch(s, create))
-        try:
-            while True:
-                try:
-                    resp = await call.read()
-                except grpc.aio.AioRpcError as exc:
-                    raise map_error(exc, f"watch {kind}") from exc
-                if not isinstance(resp, etcd_pb2.WatchResponse):
-                    raise StoreUnavailableError(f"watch {kind}: stream closed by etcd")
-                if resp.compact_revision:
-                    raise CompactedError(
-                        f"watch {kind}: revision {start_revision} is compacted",
-                        resp.compact_revision,
-                    )
-                if resp.canceled:
-                    raise StoreError(f"watch {kind} canceled by etcd: {resp.cancel_reason}")
-                for ev in resp.events:
-                    is_put = ev.type == etcd_pb2.Event.PUT
-                    yield WatchEvent(
-                        type=WatchEventType.PUT if is_put else WatchEventType.DELETE,
-                        key=ev.kv.key[len(start):].decode(),
-                        value=ev.kv.value if is_put else None,
-                        mod_revision=ev.kv.mod_revision,
-                    )
-        finally:
-            call.cancel()
+        return Watch(watch_stream(self._transport, start, start_revision, f"watch {kind}"))
 
     # -- misc ----------------------------------------------------------------------------
 
     async def status(self) -> EtcdStatus:
         """Maintenance.Status of the current endpoint (readiness and diagnostics)."""
-        resp = await self._rpc(
-            "status",
-            lambda s: s.maintenance.Status(etcd_pb2.StatusRequest(), timeout=self._timeout_s),
-        )
-        return EtcdStatus(
-            version=resp.version, db_size=resp.dbSize, leader=resp.leader,
-            raft_index=resp.raftIndex, raft_term=resp.raftTerm,
-            member_id=resp.header.member_id, revision=resp.header.revision,
-        )
+        return await self._transport.status()
 
     def open_keepalive_stream(self) -> KeepAliveCall:
         """A LeaseKeepAlive stream on the current endpoint (no deadline; for LeaseKeeper)."""
-        return self._stubs(self._current).lease.LeaseKeepAlive(None)
+        return self._transport.open_keepalive_stream()
 
     def fail_over(self) -> None:
         """Make the next endpoint current (a long-lived stream on this one broke)."""
-        self._current = (self._current + 1) % len(self._targets)
+        self._transport.fail_over()
 
     async def close(self) -> None:
-        channels, self._channels = self._channels, {}
-        for channel, _ in channels.values():
-            await channel.close(None)
+        await self._transport.close()

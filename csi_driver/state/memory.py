@@ -31,7 +31,7 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import TypeVar
 
 from csi_driver.state.errors import (
@@ -50,7 +50,14 @@ from csi_driver.state.model import (
     VolumeRecord,
     transition_problem,
 )
-from csi_driver.state.store import WATCH_KINDS, Store, WatchEvent, WatchEventType
+from csi_driver.state.store import (
+    WATCH_KINDS,
+    Store,
+    Watch,
+    WatchEvent,
+    WatchEventType,
+    WatchStream,
+)
 from replication.authority import ResyncProgress
 
 __all__ = ["ManualClock", "MemoryStore"]
@@ -314,18 +321,19 @@ class MemoryStore(Store):
         self._enter()
         return self._kv.revision
 
-    async def watch_prefix(
-        self, kind: str, start_revision: int | None = None
-    ) -> AsyncIterator[WatchEvent]:
+    def watch_prefix(self, kind: str, start_revision: int | None = None) -> Watch:
         if kind not in WATCH_KINDS:
             raise ValueError(f"unknown watch kind {kind!r}; expected one of {WATCH_KINDS}")
+        return Watch(self._watch(f"{kind}/", start_revision))
+
+    async def _watch(self, prefix: str, start_revision: int | None) -> WatchStream:
         self._enter()
-        prefix = f"{kind}/"
         # etcd treats a start revision of 0 as "from now", like None.
         next_rev = start_revision or self._kv.revision + 1
         wake = asyncio.Event()
         self._waiters.add(wake)
         try:
+            yield None  # established: every change from ``next_rev`` on will be seen
             while True:
                 wake.clear()
                 self._enter()

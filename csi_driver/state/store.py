@@ -12,10 +12,12 @@ within the deadline; a write that failed that way may still have been applied.
 from __future__ import annotations
 
 import abc
+import asyncio
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
+from csi_driver.state.errors import StoreError
 from csi_driver.state.model import NodeRecord, OwnerClaim, Versioned, VolumeRecord
 from replication.authority import ResyncProgress
 
@@ -41,6 +43,56 @@ class WatchEvent:
     key: str
     value: bytes | None
     mod_revision: int
+
+
+# What a Store implementation hands to ``Watch``: None once, when the backend has
+# confirmed the watch, then the events.
+WatchStream = AsyncGenerator[WatchEvent | None, None]
+
+
+class Watch(AsyncIterator[WatchEvent]):
+    """One watch from ``Store.watch_prefix``: iterate it for events.
+
+    Nothing reaches the backend until the first ``__anext__`` or ``established()``.
+    ``established()`` opens the watch if need be and returns once the backend has
+    confirmed it (on etcd: the watch-created answer); a watch "from now" then sees every
+    change committed after ``established()`` returned. It raises what opening raised
+    (StoreUnavailableError, ...); a compacted start revision is reported by iterating.
+    ``aclose()`` cancels the watch on the backend and ends the iteration.
+    """
+
+    def __init__(self, stream: WatchStream) -> None:
+        self._stream = stream
+        self._opening = asyncio.Lock()
+        self._open = False
+        self._closed = False
+
+    async def established(self) -> None:
+        async with self._opening:  # one opener; a concurrent caller waits for it
+            if self._closed:
+                raise StoreError("the watch is closed")
+            if self._open:
+                return
+            marker = await anext(self._stream)
+            if marker is not None:
+                raise StoreError("the watch stream sent an event before it was established")
+            self._open = True
+
+    def __aiter__(self) -> Watch:
+        return self
+
+    async def __anext__(self) -> WatchEvent:
+        if self._closed:
+            raise StopAsyncIteration
+        await self.established()
+        event = await anext(self._stream)
+        if event is None:
+            raise StoreError("the watch stream was established twice")
+        return event
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await self._stream.aclose()
 
 
 class Store(abc.ABC):
@@ -179,16 +231,15 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def watch_prefix(
-        self, kind: str, start_revision: int | None = None
-    ) -> AsyncIterator[WatchEvent]:
-        """Stream changes to all records of ``kind`` ("nodes" or "volumes").
+    def watch_prefix(self, kind: str, start_revision: int | None = None) -> Watch:
+        """A watch of the changes to all records of ``kind`` ("nodes" or "volumes").
 
         Events arrive in revision order, without gaps, from ``start_revision``
-        (inclusive; None means changes after the watch is established). Raises
-        CompactedError if ``start_revision`` was compacted away, and
-        StoreUnavailableError when the backend connection is lost: the watcher
-        then re-lists and re-watches. Close the iterator to cancel the watch.
+        (inclusive; None means changes after the watch is established: await
+        ``Watch.established()`` to know when that is). Raises ValueError at once for
+        another kind. Iterating raises CompactedError if ``start_revision`` was
+        compacted away, and StoreUnavailableError when the backend connection is lost:
+        the watcher then re-lists and re-watches. ``aclose()`` the watch to cancel it.
         """
 
     @abc.abstractmethod

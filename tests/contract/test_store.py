@@ -31,7 +31,7 @@ from csi_driver.state.model import (
     VolumeRecord,
     pairs,
 )
-from csi_driver.state.store import Store, WatchEvent, WatchEventType
+from csi_driver.state.store import Store, Watch, WatchEvent, WatchEventType
 
 Run = Callable[[Any], Any]
 
@@ -177,17 +177,21 @@ def test_delete_is_compare_and_swap(open_store: Any, run: Run) -> None:
     run(body())
 
 
-async def collect(store: Store, kind: str, count: int, **kw: Any) -> list[WatchEvent]:
+async def first_events(watch: Watch, count: int) -> list[WatchEvent]:
+    """The first ``count`` events of ``watch``, which is closed afterwards."""
     events: list[WatchEvent] = []
-    watch = store.watch_prefix(kind, **kw)
     try:
         async for event in watch:
             events.append(event)
             if len(events) == count:
                 break
     finally:
-        await watch.aclose()  # type: ignore[attr-defined]
+        await watch.aclose()
     return events
+
+
+async def collect(store: Store, kind: str, count: int, **kw: Any) -> list[WatchEvent]:
+    return await first_events(store.watch_prefix(kind, **kw), count)
 
 
 def test_watch_sees_put_and_delete(open_store: Any, run: Run) -> None:
@@ -213,11 +217,12 @@ def test_watch_sees_put_and_delete(open_store: Any, run: Run) -> None:
             revs = [e.mod_revision for e in events]
             assert revs[:2] == [v0.mod_revision, v1.mod_revision] and revs[2] > revs[1]
 
-            # A watch from "now" sees only later changes.
-            live = asyncio.create_task(collect(store, "volumes", 1))
-            await asyncio.sleep(0.3)
+            # A watch from "now" sees only changes after it was established.
+            live = store.watch_prefix("volumes")
+            await asyncio.wait_for(live.established(), 10)
             v2 = await store.create_volume(volume("vol-2"))
-            assert [e.mod_revision for e in await asyncio.wait_for(live, 10)] == [v2.mod_revision]
+            events = await asyncio.wait_for(first_events(live, 1), 10)
+            assert [e.mod_revision for e in events] == [v2.mod_revision]
             with pytest.raises(ValueError):
                 await collect(store, "names", 1)  # only nodes and volumes are watchable
 
@@ -248,8 +253,8 @@ def test_unavailable_when_the_backend_is_cut_off(open_faulty_store: Any, run: Ru
             await store.create_volume(volume("vol-1"))
             start = await store.current_revision()
             watch = store.watch_prefix("volumes", start_revision=start + 1)
+            await asyncio.wait_for(watch.established(), 10)
             first = asyncio.ensure_future(watch.__anext__())
-            await asyncio.sleep(0.3)  # the watch is established, waiting for events
             outage()
             with pytest.raises(StoreUnavailableError):
                 await asyncio.wait_for(first, 10)  # an open watch breaks, too
@@ -262,6 +267,8 @@ def test_unavailable_when_the_backend_is_cut_off(open_faulty_store: Any, run: Ru
                 assert time.monotonic() - started < 3.0  # bounded by the deadline
             with pytest.raises(StoreUnavailableError):
                 await collect(store, "volumes", 1)
+            with pytest.raises(StoreUnavailableError):  # opening says so, too
+                await store.watch_prefix("volumes").established()
 
     run(body())
 

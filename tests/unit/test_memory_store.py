@@ -83,7 +83,7 @@ def test_lease_expiry_on_the_manual_clock_deletes_keys_and_tells_watchers() -> N
         assert [n.value.node_id for n in await store.list_nodes()] == ["n2"]
         clock.advance(0.5)
         assert await store.list_nodes() == []
-        await watch.aclose()  # type: ignore[attr-defined]
+        await watch.aclose()
         await store.close()
 
     run(body())
