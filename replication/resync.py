@@ -138,11 +138,19 @@ class Resync:
             self.bitmap.clear(index)  # a write from now on marks it again
             offset = index * region
             length = min(region, self.backend.size - offset)
-            data = await self.backend.read_source(offset, length)
-            response = await self.client.write(self.backend.volume_id, self.backend.epoch,
-                                               offset, data)
-            if response.status is not Status.OK:
-                raise ResyncFailedError(f"copy to {self.node}: {response.status.name}")
+            try:
+                data = await self.backend.read_source(offset, length)
+                response = await self.client.write(self.backend.volume_id, self.backend.epoch,
+                                                   offset, data)
+                if response.status is not Status.OK:
+                    raise ResyncFailedError(f"copy to {self.node}: {response.status.name}")
+            except BaseException:
+                # Not copied (failed, or the resync was aborted): the region still differs.
+                # The bitmap outlives this resync (saved, and the next one trusts it), so a
+                # region cleared here would never be copied and the replica could join the
+                # ISR without it.
+                self.bitmap.mark(offset, length)
+                raise
             self.copied.mark(offset, length)
             self.done_bytes += length
             self.total_bytes = max(self.total_bytes, self.done_bytes + self.bitmap.dirty_bytes)
