@@ -22,15 +22,14 @@ from csi_driver.config import DEFAULT_LEASE_TTL_S
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import argparse
-import asyncio
 import contextlib
 import json
 import random
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, cast
 
@@ -40,99 +39,27 @@ from csi_driver.client import CsiClient
 from csi_driver.crashcheck import BLOCK_SIZE, WriterLog, check
 from csi_driver.failover_csi import (
     create_block_volume,
-    delete_volume,
     describe,
     publish,
     stage,
     take_over,
     unpublish_unstage,
 )
-from csi_driver.failover_summary import print_summary, secs, summarize
+from csi_driver.failover_summary import print_summary, summarize
+from csi_driver.failover_trial import (
+    WRITE_BLOCKS,
+    TrialResult,
+    best_effort,
+    cleanup_volume,
+    settle,
+)
 from csi_driver.fault_modes import FAULT_MODES, run_fault_trial
-from csi_driver.state.etcd import EtcdStore
 
 ALL_MODES = ("sigkill", "link-down", *FAULT_MODES)
-WRITE_BLOCKS = 4096  # the writers' region (16 MiB): small enough that blocks get overwritten
 POOL_BYTES = 2 << 30
-SETTLE_TIMEOUT_S = 15.0
 
 
 # -- one trial ------------------------------------------------------------------------------
-
-
-@dataclass
-class TrialResult:
-    trial: int
-    mode: str
-    owner: str
-    survivor: str
-    volume_id: str = ""
-    kill_after_s: float = 0.0
-    kill_to_stage_s: float | None = None
-    kill_to_first_ack_s: float | None = None
-    stage_attempts: int = 0
-    refusals: list[str] = field(default_factory=list)
-    acked_before_kill: int = 0
-    old_writes_failed: int = 0
-    lost_acks: int | None = None
-    violations: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # retried refusals outside the takeover
-    fault: str = ""  # fault modes: what was done
-    heal_s: float | None = None  # fault modes: end of the fault -> healed (fault_modes.py)
-    # The volume could not be served, written or read back after the fault (or its heal
-    # never came): what must stay 0. Errors of the benchmark's own are only ``errors``.
-    unrecoverable: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors and not self.violations and self.lost_acks == 0
-
-    def line(self) -> str:
-        if self.fault or self.heal_s is not None:
-            text = (f"trial {self.trial:4d} {self.mode:12} {self.fault:32} heal "
-                    f"{secs(self.heal_s)} acked {self.acked_before_kill:5d} "
-                    f"lost {self.lost_acks} violations {len(self.violations)}")
-            return text + ("" if not self.errors else f"  ERROR {self.errors[0]}")
-        text = (f"trial {self.trial:3d} {self.mode:9} {self.owner}->{self.survivor} "
-                f"kill@{self.kill_after_s:.2f}s stage {secs(self.kill_to_stage_s)} "
-                f"first-ack {secs(self.kill_to_first_ack_s)} tries {self.stage_attempts:3d} "
-                f"acked {self.acked_before_kill:5d} lost {self.lost_acks} "
-                f"violations {len(self.violations)}")
-        return text + ("" if not self.errors else f"  ERROR {self.errors[0]}")
-
-
-def _best_effort(result: TrialResult, what: str, func: Any, *args: Any) -> None:
-    try:
-        func(*args)
-    except Exception as exc:  # cleanup must go on; the trial records what failed
-        result.errors.append(f"{what}: {describe(exc)}")
-
-
-def _volume_isr(spec: devcluster.ClusterSpec, volume_id: str) -> tuple[str, ...]:
-    async def get() -> tuple[str, ...]:
-        store = EtcdStore([spec.etcd_host_endpoint], prefix=spec.etcd_prefix)
-        try:
-            found = await store.get_volume(volume_id)
-            return () if found is None else found.value.isr
-        finally:
-            await store.close()
-    return asyncio.run(get())
-
-
-def settle(spec: devcluster.ClusterSpec, volume_id: str, served: Callable[[], bytes],
-           timeout_s: float = SETTLE_TIMEOUT_S) -> list[str]:
-    """Wait until every in-sync replica file holds exactly what the owner serves (I1, I4:
-    convergence after a takeover runs in the background). Returns what still differs."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        isr, image = _volume_isr(spec, volume_id), served()
-        differ = [n for n in isr if (Path(spec.node(n).pool.dir) / f"{volume_id}.img")
-                  .read_bytes()[:len(image)] != image]
-        if (isr and not differ) or time.monotonic() > deadline:
-            return [f"in-sync replica {n} differs from what the owner serves after "
-                    f"{timeout_s:g} s" for n in differ] or ([] if isr else ["empty ISR"])
-        time.sleep(0.2)
 
 
 def _unstable(first: bytes, second: bytes) -> list[str]:
@@ -216,27 +143,17 @@ def _cleanup(
 ) -> None:
     vid = result.volume_id
     if vid:
-        _best_effort(result, "unstage on the new owner", unpublish_unstage,
-                     clients[result.survivor], vid, work / "new-staging", work / "new-pod" / "dev")
+        best_effort(result, "unstage on the new owner", unpublish_unstage,
+                    clients[result.survivor], vid, work / "new-staging", work / "new-pod" / "dev")
     if result.owner not in _running_nodes(spec):
-        _best_effort(result, "revive", devcluster.revive_node, Path(spec.dir), result.owner)
+        best_effort(result, "revive", devcluster.revive_node, Path(spec.dir), result.owner)
     if vid:
         # The revived node still has the dead attachment's state: unstage clears it.
-        _best_effort(result, "unstage on the old owner", unpublish_unstage,
-                     clients[result.owner], vid, work / "old-staging", work / "old-pod" / "dev")
+        best_effort(result, "unstage on the old owner", unpublish_unstage,
+                    clients[result.owner], vid, work / "old-staging", work / "old-pod" / "dev")
     cleanup_volume(result, ctl)
     for client in (*clients.values(), ctl):
         client.close()
-
-
-def cleanup_volume(result: TrialResult, ctl: CsiClient) -> None:
-    if not result.volume_id:
-        return
-    try:
-        result.notes += [f"DeleteVolume retried after {r}"
-                         for r in delete_volume(ctl, result.volume_id)]
-    except Exception as exc:
-        result.errors.append(f"delete: {describe(exc)}")
 
 
 def _running_nodes(spec: devcluster.ClusterSpec) -> set[str]:

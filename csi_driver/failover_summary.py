@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from csi_driver.failover_bench import TrialResult
-
+from csi_driver.failover_trial import TrialResult, secs
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -52,10 +50,6 @@ def _mode_summary(results: Sequence[TrialResult]) -> dict[str, Any]:
             "violations": sum(len(r.violations) for r in results),
             "unrecoverable": sum(1 for r in results if r.unrecoverable),
             "heal_s": _distribution(heals)}
-
-
-def secs(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}s"
 
 
 def print_summary(summary: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ acknowledged write (after a restage when all replicas were full) and the ISR is 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -35,7 +36,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from csi_driver import devcluster
 from csi_driver import failover_io as fio
@@ -49,13 +49,17 @@ from csi_driver.failover_csi import (
     take_over,
     unpublish_unstage,
 )
-
-if TYPE_CHECKING:
-    from csi_driver.failover_bench import TrialResult
+from csi_driver.failover_trial import (
+    WRITE_BLOCKS,
+    TrialResult,
+    best_effort,
+    cleanup_volume,
+    settle,
+    volume_isr,
+)
 
 FAULT_MODES = ("replica-stop", "partition", "etcd-outage", "enospc")
 HEAL_TIMEOUT_S = 90.0
-WRITE_BLOCKS = 4096
 _TMPFS_BYTES = 24 << 20  # a pool filesystem that the writers' 16 MiB region can fill
 
 
@@ -93,15 +97,9 @@ class Trial:
         return self.rng.choice([n for n in self.replicas if n != self.owner])
 
 
-def isr_of(spec: devcluster.ClusterSpec, volume_id: str) -> tuple[str, ...]:
-    from csi_driver.failover_bench import _volume_isr
-
-    return _volume_isr(spec, volume_id)
-
-
 def _wait_isr_whole(t: Trial, since: float) -> float:
     deadline = time.monotonic() + HEAL_TIMEOUT_S
-    while set(isr_of(t.spec, t.volume_id)) != set(t.replicas):
+    while set(volume_isr(t.spec, t.volume_id)) != set(t.replicas):
         if time.monotonic() > deadline:
             raise NotHealed(f"the ISR was not whole {HEAL_TIMEOUT_S:g} s after the fault")
         time.sleep(0.1)
@@ -251,6 +249,44 @@ def release_pools(mounted: list[Path]) -> list[str]:
     return errors
 
 
+def _thread_stacks(pid: int | str) -> str:
+    """Each thread's state and kernel stack (where a stuck I/O waits)."""
+    out = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        try:
+            state = next((ln for ln in (task / "status").read_text().splitlines()
+                          if ln.startswith("State:")), "State: ?")
+            wchan = (task / "wchan").read_text().strip()
+            stack = (task / "stack").read_text().strip()
+        except OSError as exc:
+            out.append(f"task {task.name}: {exc}")
+            continue
+        out.append(f"task {task.name} {state} wchan={wchan}\n{stack}")
+    return "\n".join(out)
+
+
+def _kernel_evidence(t: Trial) -> None:
+    """Where the stuck writer's I/O waits, below the target: this process's writer threads,
+    the volume's nbdfuse and the loop device (kept beside the trial)."""
+    state = Path(t.spec.node(t.owner).state_dir)
+    parts = [f"== writer process {os.getpid()}\n{_thread_stacks('self')}"]
+    pidfile = state / "attach" / t.volume_id / "nbdfuse.pid"
+    try:
+        pid = int(pidfile.read_text().split()[0])
+        parts.append(f"== nbdfuse {pid}\n{_thread_stacks(pid)}")
+    except (OSError, ValueError, IndexError) as exc:
+        parts.append(f"== nbdfuse: {exc}")
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    parts.append("== loop devices\n" + "\n".join(
+        ln for ln in loops.splitlines() if t.volume_id in ln))
+    for line in loops.splitlines():
+        if t.volume_id in line:
+            name = line.split(":", 1)[0].removeprefix("/dev/")
+            with contextlib.suppress(OSError):
+                inflight = Path(f"/sys/block/{name}/inflight").read_text().split()
+                parts.append(f"{name} inflight reads/writes: {' '.join(inflight)}")
+    with contextlib.suppress(OSError):
+        (t.work / "kernel.txt").write_text("\n".join(parts) + "\n")
 
 
 def _dump_target(t: Trial) -> str:
@@ -283,12 +319,11 @@ def run_fault(t: Trial, mode: str, fault_after_s: float) -> tuple[list[str], int
         time.sleep(0.5)  # a little more writing on the healed volume
     finally:
         if t.writer is not None and not t.writer.stop():
+            _kernel_evidence(t)
             where = _dump_target(t)
             raise RuntimeError(f"writer threads still stuck in I/O after 60 s ({where})")
     if fio.write_one(t.device, t.log, fio.new_writer_id(), 0, 1) is None:
         raise Unrecoverable("the volume takes no write after the fault healed")
-    from csi_driver.failover_bench import settle
-
     size = fio.VOLUME_BYTES
     try:
         problems = settle(t.spec, t.volume_id, lambda: fio.read_device(t.device, size))
@@ -302,8 +337,6 @@ def run_fault(t: Trial, mode: str, fault_after_s: float) -> tuple[list[str], int
 def run_fault_trial(spec: devcluster.ClusterSpec, trial: int, mode: str,
                     rng: random.Random, work: Path) -> TrialResult:
     """One fault trial; never raises: failures are in the result's ``errors``."""
-    from csi_driver.failover_bench import TrialResult, cleanup_volume
-
     owner = rng.choice([n.id for n in spec.nodes])
     result = TrialResult(trial, mode, owner, owner)
     work.mkdir(parents=True, exist_ok=True)
@@ -328,19 +361,11 @@ def run_fault_trial(spec: devcluster.ClusterSpec, trial: int, mode: str,
         if t is not None:
             result.fault = t.fault
             result.acked_before_kill = len(t.log.acked())
-            _best_effort(result, "unstage", unpublish_unstage, clients[owner],
-                         result.volume_id, t.work / ("staging-2" if t.restaged else "staging"),
-                         t.device)
+            best_effort(result, "unstage", unpublish_unstage, clients[owner],
+                        result.volume_id, t.work / ("staging-2" if t.restaged else "staging"),
+                        t.device)
         cleanup_volume(result, ctl)
         result.errors += release_pools(mounted)
         for client in (*clients.values(), ctl):
             client.close()
     return result
-
-
-def _best_effort(result: TrialResult, what: str, func: Callable[..., object],
-                 *args: object) -> None:
-    try:
-        func(*args)
-    except Exception as exc:  # cleanup goes on; the trial records what failed
-        result.errors.append(f"{what}: {describe(exc)}")

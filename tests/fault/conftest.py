@@ -30,7 +30,6 @@ from csi_driver import devcluster
 from csi_driver.client import CsiClient
 from csi_driver.crashcheck import WriterLog
 from csi_driver.devcluster import mounts
-from csi_driver.failover_bench import WRITE_BLOCKS, settle
 from csi_driver.failover_csi import (
     Takeover,
     create_block_volume,
@@ -48,6 +47,7 @@ from csi_driver.failover_io import (
     read_and_check,
     read_device,
 )
+from csi_driver.failover_trial import WRITE_BLOCKS, settle
 from csi_driver.state.etcd import EtcdStore
 from csi_driver.state.model import VolumeRecord
 from csi_driver.verify import VerifyReport, verify_volume
