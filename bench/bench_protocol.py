@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from replication.messages import Flag, Hello, Op, Request, Response, Role
+from replication.messages import Flag, Op, Request, Response, Role
+from replication.payloads import Hello
 from replication.protocol import Connection
 
 

@@ -26,7 +26,8 @@ import uvloop
 
 from replication.peer_auth import PeerAuth
 from replication.pool.file import FilePool
-from replication.replica_client import ReplicaClient, expect_ok
+from replication.replica_client import ReplicaClient
+from replication.replica_connection import expect_ok
 
 REPO = Path(__file__).resolve().parents[1]
 VOLUME = "bench-vol"

@@ -6,8 +6,9 @@ from __future__ import annotations
 import struct
 
 from fuzz.targets import _auth
-from replication import nbd
-from replication.messages import Hello, Op, Role, Status, WriteBatch
+from replication import nbd_messages as nbd
+from replication.messages import Op, Role, Status
+from replication.payloads import Hello, WriteBatch
 from replication.protocol import Connection
 
 

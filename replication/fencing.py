@@ -18,7 +18,8 @@ from pathlib import Path
 from replication.authority import Authority, AuthorityUnavailableError, FencedError
 from replication.errors import ReplicaUnavailableError
 from replication.hold import DEFAULT_HOLD_S
-from replication.messages import StatInfo, Status
+from replication.messages import Status
+from replication.payloads import StatInfo
 from replication.replica_client import ReplicaClient
 from replication.target import NoInSyncReplicaError, ReplicaEndpoint, ReplicatedBackend
 

@@ -23,7 +23,8 @@ import logging
 import os
 
 from replication.local_writers import LocalWriters, Writer
-from replication.messages import Buffer, Op, Response, Status, WriteBatch
+from replication.messages import Buffer, Op, Response, Status
+from replication.payloads import WriteBatch
 from replication.peer_auth import PeerAuth
 from replication.replica_client import ReplicaClient
 from replication.replica_io import pwrite_all

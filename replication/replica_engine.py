@@ -39,16 +39,8 @@ from typing import Any, NamedTuple
 
 from replication.errors import ReplicaNotFoundError, ReplicationError
 from replication.local_writers import LocalWriters, WriterStillAlive
-from replication.messages import (
-    Buffer,
-    ChecksumSpec,
-    Flag,
-    Op,
-    Request,
-    StatInfo,
-    Status,
-    write_batch_entries,
-)
+from replication.messages import Buffer, Flag, Op, Request, Status
+from replication.payloads import ChecksumSpec, StatInfo, write_batch_entries
 from replication.pool.base import Pool, ReplicaInfo
 from replication.replica_io import pread_exact, pwrite_all, range_digests, write_zeros
 from replication.replica_meta import MetaState, MetaStore

@@ -21,7 +21,8 @@ from __future__ import annotations
 import errno
 import os
 
-from replication.messages import Buffer, ChecksumSpec, block_digests
+from replication.messages import Buffer
+from replication.payloads import ChecksumSpec, block_digests
 
 PWRITE_CHUNK = 64 << 10
 RANGE_CHUNK = 1 << 20  # zeroing and digests work on pieces of this size

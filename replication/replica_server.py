@@ -24,11 +24,12 @@ from typing import cast
 
 from replication.access import ConnectionLimits, ReplicaAccess, ReplyBudget
 from replication.local_writers import LocalWriters
-from replication.messages import Buffer, Hello, Op, ProtocolErrorEvent, Request, Role, Status
+from replication.messages import Buffer, Op, ProtocolErrorEvent, Request, Role, Status
+from replication.payloads import Hello
 from replication.peer_auth import PeerAuth
+from replication.peer_socket import HIGH_WATER, configure_socket
 from replication.pool.base import Pool
 from replication.protocol import Connection, State
-from replication.replica_client import HIGH_WATER, configure_socket
 from replication.replica_engine import Deferred, ReplicaEngine, Result
 
 log = logging.getLogger(__name__)

@@ -28,20 +28,13 @@ from csi_driver.agent_auth import METADATA_KEY, AgentSigner, load_signer
 from csi_driver.devcluster import NodeSpec
 from csi_driver.devcluster.cluster import agent_key_paths
 from replication.errors import ReplicaUnavailableError
-from replication.messages import (
-    MAGIC,
-    PROTOCOL_VERSION,
-    Event,
-    Hello,
-    Op,
-    Request,
-    Response,
-    Role,
-    Status,
-)
+from replication.frames import MAGIC
+from replication.messages import PROTOCOL_VERSION, Event, Op, Request, Response, Role, Status
+from replication.payloads import Hello
 from replication.peer_auth import PeerAuth
 from replication.protocol import Connection
-from replication.replica_client import ReplicaClient, expect_ok
+from replication.replica_client import ReplicaClient
+from replication.replica_connection import expect_ok
 from tests.credentials import cluster_auth
 from tests.direct_io import direct_read, direct_write
 from tests.fault.conftest import Fault
@@ -189,7 +182,7 @@ _BODY = struct.Struct(">BBHQQQIIIBB")  # the header after magic and crc
 
 def _frame(op: Op, rid: int, *, length: int = 0, vid: bytes = b"", payload: bytes = b"",
            plen: int | None = None) -> bytes:
-    """A frame as the wire format documents it (replication/protocol.py); ``plen`` may
+    """A frame as the wire format documents it (replication/frames.py); ``plen`` may
     announce a payload that never comes."""
     pcrc = zlib.crc32(payload) if payload else 0
     body = _BODY.pack(PROTOCOL_VERSION, op, 0, rid, 0, 0, length,

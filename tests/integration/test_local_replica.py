@@ -18,8 +18,10 @@ import pytest
 
 from replication.local_replica import LocalReplica
 from replication.local_writers import LocalWriters
-from replication.messages import Op, StatInfo, Status, WriteBatch
-from replication.replica_client import ReplicaClient, expect_ok
+from replication.messages import Op, Status
+from replication.payloads import StatInfo, WriteBatch
+from replication.replica_client import ReplicaClient
+from replication.replica_connection import expect_ok
 from tests.credentials import auth
 from tests.integration.test_replica_server import VOL, ServerProcess, connect, run, serving
 

@@ -31,7 +31,8 @@ import pytest
 import uvloop
 
 from replication.backend import BackendIOError
-from replication.nbd_server import MAX_IN_FLIGHT, NbdServer
+from replication.nbd_dispatch import MAX_IN_FLIGHT
+from replication.nbd_server import NbdServer
 
 pytestmark = pytest.mark.integration
 

@@ -26,19 +26,12 @@ import pytest
 import uvloop
 
 from replication.errors import ReplicaStatusError, ReplicaUnavailableError, StaleEpochError
-from replication.messages import (
-    ChecksumAlgo,
-    Op,
-    Response,
-    Role,
-    StatInfo,
-    Status,
-    WriteBatch,
-    block_digests,
-)
+from replication.messages import ChecksumAlgo, Op, Response, Role, Status
+from replication.payloads import StatInfo, WriteBatch, block_digests
 from replication.pool.file import FilePool
 from replication.protocol import Connection
-from replication.replica_client import ReplicaClient, expect_ok
+from replication.replica_client import ReplicaClient
+from replication.replica_connection import expect_ok
 from tests.credentials import auth, write_secret
 
 pytestmark = pytest.mark.integration

@@ -15,10 +15,11 @@ import uvloop
 
 from csi_driver.credentials import write_credentials
 from replication.errors import ReplicaUnavailableError
-from replication.messages import WriteBatch
+from replication.payloads import WriteBatch
 from replication.peer_tls import PeerTls, TlsConfigError, load_peer_tls
 from replication.pool.file import FilePool
-from replication.replica_client import ReplicaClient, expect_ok
+from replication.replica_client import ReplicaClient
+from replication.replica_connection import expect_ok
 from replication.replica_server import ReplicaServer
 from tests.credentials import auth
 

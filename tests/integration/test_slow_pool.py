@@ -18,7 +18,8 @@ import uvloop
 from replication.messages import Status
 from replication.pool.base import ReplicaInfo
 from replication.pool.file import FilePool
-from replication.replica_client import ReplicaClient, expect_ok
+from replication.replica_client import ReplicaClient
+from replication.replica_connection import expect_ok
 from replication.replica_server import HOUSEKEEPING_S, ReplicaServer
 from tests.credentials import auth
 

@@ -30,11 +30,11 @@ from replication.pool.file import FilePool
 from replication.replica_client import ReplicaClient
 from replication.resync import DIFF_CHUNK
 from replication.target import (
-    BATCH_MAX_WRITES,
     NoInSyncReplicaError,
     ReplicaEndpoint,
     ReplicatedBackend,
 )
+from replication.write_batches import BATCH_MAX_WRITES
 from tests.credentials import auth, write_secret
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,5 @@
-"""Unit and property tests for the sans-IO NBD server protocol (replication/nbd.py).
+"""Unit and property tests for the sans-IO NBD server protocol (replication/nbd_codec.py,
+nbd_negotiation.py, nbd_messages.py).
 
 Byte strings are built here from the spec (reference/nbd-protocol.md), not from
 the module's own encoders, so a shared misunderstanding cannot hide.
@@ -13,15 +14,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replication import nbd
-from replication.nbd import (
+from replication import nbd_codec, nbd_messages
+from replication.nbd_codec import NbdServerConnection, State
+from replication.nbd_messages import (
     Disconnect,
     FlushRequest,
     HandshakeComplete,
-    NbdServerConnection,
     ProtocolError,
     ReadRequest,
-    State,
     TrimRequest,
     WriteRequest,
     WriteZeroesRequest,
@@ -371,8 +371,8 @@ _requests = st.one_of(
 
 
 def test_constants_match_the_spec() -> None:
-    assert (nbd.NBD_EINVAL, nbd.NBD_ENOSPC, nbd.NBD_EIO) == (22, 28, 5)
-    assert nbd.MAX_PAYLOAD == 32 * 1024 * 1024
+    assert (nbd_messages.NBD_EINVAL, nbd_messages.NBD_ENOSPC, nbd_messages.NBD_EIO) == (22, 28, 5)
+    assert nbd_messages.MAX_PAYLOAD == 32 * 1024 * 1024
 
 
 def feed_buffered(conn: NbdServerConnection, stream: bytes, cuts: list[int]) -> list[object]:
@@ -433,4 +433,4 @@ def test_a_big_write_lands_in_a_buffer_of_its_own() -> None:
     assert len(memoryview(data.obj)) == len(payload)
     assert simple_replies(sent(conn)) == [(28, 3)]  # the big write past the end: ENOSPC
     # Back to the scratch buffer once the payload is complete.
-    assert len(conn.get_buffer(-1)) == nbd.SCRATCH_SIZE
+    assert len(conn.get_buffer(-1)) == nbd_codec.SCRATCH_SIZE

@@ -9,15 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from replication.messages import (
-    Hello,
-    Op,
-    ProtocolErrorEvent,
-    Request,
-    Response,
-    Role,
-    Status,
-)
+from replication.messages import Op, ProtocolErrorEvent, Request, Response, Role, Status
+from replication.payloads import Hello
 from replication.peer_auth import PeerAuth, SecretError, generate_secret, load_secret
 from replication.protocol import Connection, State
 from tests.unit.test_protocol import raw_frame
@@ -99,7 +92,7 @@ def test_a_recorded_auth_does_not_replay() -> None:
     attacker_view = Connection(Role.SERVER, auth=PeerAuth(SECRET, "node-b"))
     # A fresh connection: the attacker replays the same HELLO, then the recorded AUTH.
     replay_hello = raw_frame(Op.HELLO, vid=b"", epoch=0,
-                             payload=Hello("node-a", client._nonces[0]).encode())
+                             payload=Hello("node-a", client._handshake.nonces[0]).encode())
     attacker_view.receive_data(replay_hello)
     attacker_view.encode_response(Op.HELLO, 1, Status.OK, payload=b"")  # a new server nonce
     events = attacker_view.receive_data(recorded)

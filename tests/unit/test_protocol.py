@@ -1,7 +1,8 @@
-"""Unit tests for the replication wire codec (replication/protocol.py, replication/messages.py).
+"""Unit tests for the replication wire codec (replication/protocol.py, frames.py, op_rules.py,
+payloads.py, messages.py).
 
 Malformed frames are built here with their own struct format from the layout table in the
-protocol docstring, not with the module's encoder, so a shared mistake cannot hide.
+frames docstring, not with the module's encoder, so a shared mistake cannot hide.
 """
 
 from __future__ import annotations
@@ -18,18 +19,20 @@ from replication.messages import (
     MAX_BATCH_WRITES,
     MAX_EPOCH,
     ChecksumAlgo,
-    ChecksumSpec,
     Event,
     Flag,
-    Hello,
     LocalProtocolError,
     Op,
     ProtocolErrorEvent,
     Request,
     Response,
     Role,
-    StatInfo,
     Status,
+)
+from replication.payloads import (
+    ChecksumSpec,
+    Hello,
+    StatInfo,
     WriteBatch,
     block_digests,
     write_batch_entries,

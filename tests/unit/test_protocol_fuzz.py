@@ -17,19 +17,16 @@ from hypothesis import strategies as st
 from replication.messages import (
     MAX_EPOCH,
     ChecksumAlgo,
-    ChecksumSpec,
     Event,
     Flag,
-    Hello,
     Op,
     ProtocolErrorEvent,
     Request,
     Response,
     Role,
-    StatInfo,
     Status,
-    WriteBatch,
 )
+from replication.payloads import ChecksumSpec, Hello, StatInfo, WriteBatch
 from replication.protocol import Connection, State
 
 U64 = (1 << 64) - 1

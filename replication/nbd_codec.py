@@ -1,10 +1,11 @@
-"""Sans-IO NBD server protocol: bytes in, events out, bytes back.
+"""Sans-IO NBD server protocol for one export: bytes in, events out, bytes back.
 
-Owns the fixed-newstyle handshake for one export (options GO, INFO, EXPORT_NAME,
-LIST, ABORT; everything else refused), the parsing of transmission-phase
-requests, their validation against the export (flags, bounds, alignment, payload
-limits) with the error replies the spec asks for, and the encoding of simple
-replies. Structured replies and extended headers are never negotiated.
+Owns the fixed-newstyle handshake's framing (client flags, option headers; what each option
+is answered is ``nbd_negotiation``), the parsing of transmission-phase requests, their
+validation against the export (flags, bounds, alignment, payload limits) with the error
+replies the spec asks for, the encoding of simple replies, and the receive buffers. The
+numbers and events are ``nbd_messages``. Structured replies and extended headers are never
+negotiated.
 
 Must not: touch sockets, files, asyncio or clocks; perform the requested I/O
 (the caller does, then calls `reply`); raise on anything the peer sends (that is
@@ -15,46 +16,59 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
 from typing import Final
 
-NBDMAGIC: Final = 0x4E42444D41474943
-IHAVEOPT: Final = 0x49484156454F5054
-OPT_REPLY_MAGIC: Final = 0x3E889045565A9
-REQUEST_MAGIC: Final = 0x25609513
-SIMPLE_REPLY_MAGIC: Final = 0x67446698
+from replication.nbd_messages import (
+    CMD_CACHE,
+    CMD_DISC,
+    CMD_FLAG_FUA,
+    CMD_FLAG_NO_HOLE,
+    CMD_FLUSH,
+    CMD_READ,
+    CMD_TRIM,
+    CMD_WRITE,
+    CMD_WRITE_ZEROES,
+    FLAG_C_FIXED_NEWSTYLE,
+    FLAG_C_NO_ZEROES,
+    FLAG_FIXED_NEWSTYLE,
+    FLAG_NO_ZEROES,
+    GREETING,
+    IHAVEOPT,
+    MAX_NAME_LEN,
+    MAX_OPTION_LEN,
+    MAX_PAYLOAD,
+    MIN_BLOCK,
+    NBD_EINVAL,
+    NBD_ENOSPC,
+    NBDMAGIC,
+    OPTION_HEADER,
+    REQUEST,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY,
+    SIMPLE_REPLY_MAGIC,
+    TF_CAN_MULTI_CONN,
+    TF_HAS_FLAGS,
+    TF_SEND_FLUSH,
+    TF_SEND_FUA,
+    TF_SEND_TRIM,
+    TF_SEND_WRITE_ZEROES,
+    Disconnect,
+    Event,
+    FlushRequest,
+    HandshakeComplete,
+    Payload,
+    ProtocolError,
+    ReadRequest,
+    TrimRequest,
+    WriteRequest,
+    WriteZeroesRequest,
+)
+from replication.nbd_negotiation import Export, Outcome, answer_option
 
-# Handshake flags (server) and client flags share bit positions.
-FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES = 1 << 0, 1 << 1
-FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES = 1 << 0, 1 << 1
-# Transmission flags.
-TF_HAS_FLAGS, TF_SEND_FLUSH, TF_SEND_FUA = 1 << 0, 1 << 2, 1 << 3
-TF_SEND_TRIM, TF_SEND_WRITE_ZEROES, TF_CAN_MULTI_CONN = 1 << 5, 1 << 6, 1 << 8
-
-OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO = 1, 2, 3, 5, 6, 7
-REP_ACK, REP_SERVER, REP_INFO = 1, 2, 3
-REP_ERR_UNSUP, REP_ERR_POLICY, REP_ERR_INVALID, REP_ERR_UNKNOWN = (2**31 + n for n in (1, 2, 3, 6))
-INFO_EXPORT, INFO_NAME, INFO_BLOCK_SIZE = 0, 1, 3  # DESCRIPTION (2) is never sent
-
-CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES = range(7)
-CMD_FLAG_FUA, CMD_FLAG_NO_HOLE = 1 << 0, 1 << 1
-
-NBD_EPERM, NBD_EIO, NBD_ENOMEM, NBD_EINVAL, NBD_ENOSPC = 1, 5, 12, 22, 28
-NBD_EOVERFLOW, NBD_ENOTSUP, NBD_ESHUTDOWN = 75, 95, 108
-
-MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD = 512, 4096, 32 * 1024 * 1024
 SCRATCH_SIZE = 256 * 1024  # what one buffered read may bring (as uvloop's own buffer)
 DIRECT_MIN = 64 * 1024  # write payloads this big are received into their own buffer
-# Legitimate options are an export name (<= 4 KiB) plus a few info codes; more
-# than this is a peer trying to make us buffer without bound.
-MAX_OPTION_LEN, MAX_NAME_LEN = 64 * 1024, 4096
 
-_GREETING = struct.Struct(">QQH")
-_OPT_HEADER = struct.Struct(">QII")
-_OPT_REPLY = struct.Struct(">QIII")
-_REQUEST = struct.Struct(">IHHQQI")
-_SIMPLE_REPLY = struct.Struct(">IIQ")
-_REQ_LEN: Final = _REQUEST.size
+_REQ_LEN: Final = REQUEST.size
 _SERVER_FLAGS = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES
 _BASE_TFLAGS = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES
 
@@ -68,72 +82,12 @@ _COMMAND_RULES: Final = {
     CMD_WRITE_ZEROES: (CMD_FLAG_FUA | CMD_FLAG_NO_HOLE, NBD_ENOSPC),
 }
 
-Payload = bytes | memoryview
-
 
 class State(enum.Enum):
     CLIENT_FLAGS = "client_flags"
     OPTIONS = "options"
     TRANSMISSION = "transmission"
     CLOSED = "closed"
-
-
-@dataclass(frozen=True, slots=True)
-class HandshakeComplete:
-    export_name: str
-    block_size_negotiated: bool
-
-
-@dataclass(frozen=True, slots=True)
-class ReadRequest:
-    handle: int
-    offset: int
-    length: int
-    flags: int
-
-
-@dataclass(frozen=True, slots=True)
-class WriteRequest:
-    handle: int
-    offset: int
-    data: Payload  # a view into the received chunk, never copied
-    fua: bool
-
-
-@dataclass(frozen=True, slots=True)
-class FlushRequest:
-    handle: int
-
-
-@dataclass(frozen=True, slots=True)
-class TrimRequest:
-    handle: int
-    offset: int
-    length: int
-    fua: bool
-
-
-@dataclass(frozen=True, slots=True)
-class WriteZeroesRequest:
-    handle: int
-    offset: int
-    length: int
-    no_hole: bool
-    fua: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Disconnect:
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class ProtocolError:
-    reason: str
-
-
-Request = ReadRequest | WriteRequest | FlushRequest | TrimRequest | WriteZeroesRequest
-Event = HandshakeComplete | Request | Disconnect | ProtocolError
 
 
 class NbdServerConnection:
@@ -153,10 +107,11 @@ class NbdServerConnection:
             raise ValueError(f"export size out of range: {export_size}")
         if len(name) > MAX_NAME_LEN:
             raise ValueError("export name longer than 4096 bytes")
-        self._size, self._name = export_size, name
+        self._size = export_size
         # A minimum block the size is not a multiple of would hide the export's tail.
         self.min_block: Final = 1 if export_size % MIN_BLOCK else MIN_BLOCK
         self.transmission_flags: Final = _BASE_TFLAGS | (TF_CAN_MULTI_CONN if multi_conn else 0)
+        self._export = Export(name, export_size, self.transmission_flags, self.min_block)
         self._state = State.CLIENT_FLAGS
         self._no_zeroes = False
         self._align_mask = 0
@@ -169,7 +124,7 @@ class NbdServerConnection:
         self._direct: bytearray | None = None
         self._direct_filled = 0
         self._direct_header: tuple[int, int, int, int] = (0, 0, 0, 0)  # flags handle off len
-        self._out: list[Payload] = [_GREETING.pack(NBDMAGIC, IHAVEOPT, _SERVER_FLAGS)]
+        self._out: list[Payload] = [GREETING.pack(NBDMAGIC, IHAVEOPT, _SERVER_FLAGS)]
 
     @property
     def state(self) -> State:
@@ -186,7 +141,7 @@ class NbdServerConnection:
         `error` is an NBD error code; with an error the payload is dropped, as the
         spec requires.
         """
-        header = _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle)
+        header = SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle)
         return [header] if error or data is None else [header, data]
 
     def receive_data(self, data: bytes) -> list[Event]:
@@ -228,7 +183,7 @@ class NbdServerConnection:
         events: list[Event] = []
         err = self._check(flags, CMD_FLAG_FUA, offset, length, NBD_ENOSPC)
         if err:
-            self._out.append(_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, err, handle))
+            self._out.append(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, err, handle))
         else:
             data = memoryview(direct).toreadonly()
             events.append(WriteRequest(handle, offset, data, bool(flags & CMD_FLAG_FUA)))
@@ -238,7 +193,7 @@ class NbdServerConnection:
         """If the partial frame is a big write, move what arrived of it into its own
         buffer; the rest is then received there."""
         pending = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
-        magic, flags, cmd, handle, offset, length = _REQUEST.unpack_from(pending)
+        magic, flags, cmd, handle, offset, length = REQUEST.unpack_from(pending)
         # _parse has checked the magic and the payload limit of any header it kept.
         if magic != REQUEST_MAGIC or cmd != CMD_WRITE or length < DIRECT_MIN:
             return
@@ -258,73 +213,33 @@ class NbdServerConnection:
             self._no_zeroes = bool(flags & FLAG_C_NO_ZEROES)
             self._buf = self._buf[4:]
             self._state = State.OPTIONS
-        while self._state is State.OPTIONS and len(self._buf) >= _OPT_HEADER.size:
+        while self._state is State.OPTIONS and len(self._buf) >= OPTION_HEADER.size:
             buf = self._buf
-            magic, option, length = _OPT_HEADER.unpack_from(buf)
+            magic, option, length = OPTION_HEADER.unpack_from(buf)
             if magic != IHAVEOPT or length > MAX_OPTION_LEN:
                 self._fail(events, f"bad option header: magic 0x{magic:x}, length {length}")
                 return
-            end = _OPT_HEADER.size + length
+            end = OPTION_HEADER.size + length
             if len(buf) < end:
                 return
             self._buf = buf[end:]
-            self._option(option, buf[_OPT_HEADER.size : end], events)
+            outcome = answer_option(
+                self._export, option, buf[OPTION_HEADER.size : end], self._no_zeroes, self._out)
+            if outcome is not None:
+                self._end_handshake(outcome, events)
 
-    def _opt_reply(self, option: int, rep: int, data: bytes = b"") -> None:
-        self._out.append(_OPT_REPLY.pack(OPT_REPLY_MAGIC, option, rep, len(data)) + data)
-
-    def _option(self, option: int, payload: bytes, events: list[Event]) -> None:
-        if option in (OPT_GO, OPT_INFO):
-            self._opt_info_or_go(option, payload, events)
-        elif option == OPT_EXPORT_NAME:
-            self._opt_export_name(payload, events)
-        elif option == OPT_LIST and payload:
-            self._opt_reply(option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")
-        elif option == OPT_LIST:
-            self._opt_reply(option, REP_SERVER, struct.pack(">I", len(self._name)) + self._name)
-            self._opt_reply(option, REP_ACK)
-        elif option == OPT_ABORT:
-            self._opt_reply(option, REP_ACK)
+    def _end_handshake(self, outcome: Outcome, events: list[Event]) -> None:
+        if isinstance(outcome, HandshakeComplete):
+            # Only a client that asked for block sizes promised to honour them; the
+            # others get the default constraints (any alignment).
+            self._align_mask = self.min_block - 1 if outcome.block_size_negotiated else 0
+            self._state = State.TRANSMISSION
+            events.append(outcome)
+        elif isinstance(outcome, Disconnect):
             self._state = State.CLOSED
-            events.append(Disconnect("client sent NBD_OPT_ABORT"))
-        elif option == OPT_STARTTLS:
-            self._opt_reply(option, REP_ERR_POLICY, b"TLS is not configured")
-        else:  # includes STRUCTURED_REPLY: we only ever send simple replies
-            self._opt_reply(option, REP_ERR_UNSUP, b"option not supported")
-
-    def _opt_export_name(self, payload: bytes, events: list[Event]) -> None:
-        if payload and payload != self._name:  # this option has no error reply: hang up
-            self._fail(events, f"unknown export {payload[:64]!r}")
-            return
-        zeroes = b"" if self._no_zeroes else bytes(124)
-        self._out.append(struct.pack(">QH", self._size, self.transmission_flags) + zeroes)
-        self._enter_transmission(events, block_size_negotiated=False)
-
-    def _opt_info_or_go(self, option: int, payload: bytes, events: list[Event]) -> None:
-        parsed = _parse_info_request(payload)
-        if parsed is None:
-            self._opt_reply(option, REP_ERR_INVALID, b"malformed NBD_OPT_INFO/GO data")
-            return
-        name, infos = parsed
-        if name and name != self._name:
-            self._opt_reply(option, REP_ERR_UNKNOWN, b"no such export")
-            return
-        export = struct.pack(">HQH", INFO_EXPORT, self._size, self.transmission_flags)
-        block = struct.pack(">HIII", INFO_BLOCK_SIZE, self.min_block, PREFERRED_BLOCK, MAX_PAYLOAD)
-        self._opt_reply(option, REP_INFO, export)
-        self._opt_reply(option, REP_INFO, block)
-        if INFO_NAME in infos:
-            self._opt_reply(option, REP_INFO, struct.pack(">H", INFO_NAME) + self._name)
-        self._opt_reply(option, REP_ACK)
-        if option == OPT_GO:
-            self._enter_transmission(events, block_size_negotiated=INFO_BLOCK_SIZE in infos)
-
-    def _enter_transmission(self, events: list[Event], *, block_size_negotiated: bool) -> None:
-        # Only a client that asked for block sizes promised to honour them; the
-        # others get the default constraints (any alignment).
-        self._align_mask = self.min_block - 1 if block_size_negotiated else 0
-        self._state = State.TRANSMISSION
-        events.append(HandshakeComplete(self._name.decode(errors="replace"), block_size_negotiated))
+            events.append(outcome)
+        else:
+            self._fail(events, outcome.reason)
 
     def _fail(self, events: list[Event], reason: str) -> None:
         self._state = State.CLOSED
@@ -356,7 +271,7 @@ class NbdServerConnection:
             self._parts, self._have = [head], len(head)
             if len(head) < _REQ_LEN:
                 return -1
-        magic, _flags, cmd, _handle, _offset, length = _REQUEST.unpack_from(self._parts[0])
+        magic, _flags, cmd, _handle, _offset, length = REQUEST.unpack_from(self._parts[0])
         is_write = magic == REQUEST_MAGIC and cmd == CMD_WRITE and length <= MAX_PAYLOAD
         total = _REQ_LEN + length if is_write else _REQ_LEN
         piece = memoryview(data)[used : used + total - self._have]
@@ -373,7 +288,7 @@ class NbdServerConnection:
     def _parse(self, buf: bytes, pos: int, events: list[Event]) -> int:
         """Parse whole frames from `buf[pos:]`; returns where the first partial one starts."""
         end = len(buf)
-        unpack = _REQUEST.unpack_from
+        unpack = REQUEST.unpack_from
         view: memoryview | None = None
         while end - pos >= _REQ_LEN:
             magic, flags, cmd, handle, offset, length = unpack(buf, pos)
@@ -399,7 +314,7 @@ class NbdServerConnection:
             pos = stop
             err = self._check(flags, CMD_FLAG_FUA, offset, length, NBD_ENOSPC)
             if err:
-                self._out.append(_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, err, handle))
+                self._out.append(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, err, handle))
             else:
                 events.append(WriteRequest(handle, offset, data, bool(flags & CMD_FLAG_FUA)))
         return pos
@@ -430,7 +345,7 @@ class NbdServerConnection:
             if cmd == CMD_READ and length > MAX_PAYLOAD:
                 err = err or NBD_EINVAL
         if err or cmd == CMD_CACHE:  # CACHE is only a hint: succeed without acting
-            self._out.append(_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, err, handle))
+            self._out.append(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, err, handle))
             return
         fua = bool(flags & CMD_FLAG_FUA)
         if cmd == CMD_READ:
@@ -442,16 +357,3 @@ class NbdServerConnection:
             events.append(TrimRequest(handle, offset, length, fua))
         else:
             events.append(FlushRequest(handle))
-
-
-def _parse_info_request(payload: bytes) -> tuple[bytes, tuple[int, ...]] | None:
-    """Split NBD_OPT_INFO/GO data into (export name, info types); None if malformed."""
-    if len(payload) < 6:
-        return None
-    (name_len,) = struct.unpack_from(">I", payload)
-    if name_len > len(payload) - 6:
-        return None
-    (count,) = struct.unpack_from(">H", payload, 4 + name_len)
-    if 6 + name_len + 2 * count != len(payload):
-        return None
-    return payload[4 : 4 + name_len], struct.unpack_from(f">{count}H", payload, 6 + name_len)
