@@ -25,9 +25,10 @@ proto: venv
 	$(PY) proto/generate.py
 
 lint: proto
-	$(VENV)/bin/ruff check csi_driver replication tests bench proto fuzz
+	$(VENV)/bin/ruff check csi_driver replication tests bench proto fuzz scripts
 	$(VENV)/bin/mypy csi_driver replication
-	$(VENV)/bin/mypy --strict tests fuzz
+	$(VENV)/bin/mypy --strict tests fuzz scripts
+	$(PY) scripts/check_sizes.py
 
 test: deps proto lint
 	bash scripts/ensure-kubectl.sh $(VENV)
