@@ -25,8 +25,8 @@ proto: venv
 	$(PY) proto/generate.py
 
 lint: proto
-	$(VENV)/bin/ruff check csi_driver replication tests bench proto fuzz scripts
-	$(VENV)/bin/mypy csi_driver replication
+	$(VENV)/bin/ruff check csi_driver replication devtools tests bench proto fuzz scripts
+	$(VENV)/bin/mypy csi_driver replication devtools
 	$(VENV)/bin/mypy --strict tests fuzz scripts
 	$(PY) scripts/check_sizes.py
 
@@ -38,7 +38,7 @@ unit: proto
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
 demo: deps proto
-	$(PY) -m csi_driver.demo --dir $(DEMO_DIR)
+	$(PY) -m devtools.demo --dir $(DEMO_DIR)
 
 # Coverage-guided fuzzing (atheris); new corpus entries land in fuzz/corpus/ and `make test`
 # replays them. FUZZ_SECONDS per target.

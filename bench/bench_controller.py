@@ -38,9 +38,9 @@ from typing import Any
 
 import grpc
 
-from csi_driver import devcluster
 from csi_driver._gen import csi_pb2
 from csi_driver.client import CsiClient, mount_capability
+from devtools import devcluster
 
 MIB = 1 << 20
 VOLUME_SIZE = 16 * MIB

@@ -1,6 +1,6 @@
 """Failover benchmark: kill the owner mid-write, take over on another replica, check the data.
 
-A thin entry point; the logic is ``csi_driver.failover_bench`` (also ``tandem bench
+A thin entry point; the logic is ``devtools.failover_bench`` (also ``tandem bench
 failover``). Must not leave a cluster running that it started (always torn down).
 
     sudo .venv/bin/python bench/bench_failover.py --dir /tmp/tandem-bench-failover \
@@ -15,7 +15,7 @@ import sys
 # As in the CLI: gRPC's fork handlers can crash the children devcluster forks (ip, mount).
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-from csi_driver.failover_bench import main
+from devtools.failover_bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

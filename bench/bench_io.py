@@ -56,11 +56,11 @@ from typing import Any
 
 from bench_nbd_local import serving
 
-from csi_driver import devcluster
 from csi_driver._gen import csi_pb2
-from csi_driver.attach import FuseLoopAttacher
 from csi_driver.client import CsiClient, block_capability
 from csi_driver.config import TOPOLOGY_KEY
+from csi_driver.node.attach import FuseLoopAttacher
+from devtools import devcluster
 
 MiB = 1 << 20
 JOBS = (  # name, rw, bs, iodepth

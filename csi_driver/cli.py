@@ -1,4 +1,5 @@
-"""The ``tandem`` command: daemons (controller, node) and operator tools (cluster, volume).
+"""The ``tandem`` command: the daemons (controller, node, node-front), credentials, and in a
+source checkout the dev tooling's commands (cluster, bench, volume: ``devtools``).
 
 User-facing output is printed here and nowhere else. Bad flags exit 2 with a message that
 names the flag; an operation that fails exits 1.
@@ -8,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from csi_driver.config import DEFAULT_LEASE_TTL_S
 from replication.hold import DEFAULT_HOLD_S
@@ -80,7 +83,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
 
 
 def cmd_node_front(args: argparse.Namespace) -> int:
-    from csi_driver.node_front import run
+    from csi_driver.node.front import run
 
     csi_socket = cfg.parse_unix_endpoint(args.csi_endpoint, "--csi-endpoint")
     backend = cfg.parse_unix_endpoint(args.data_plane_endpoint, "--data-plane-endpoint")
@@ -168,14 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "https://10.0.0.1:6443, where the Service address would need kube-proxy")
     ctl.set_defaults(func=cmd_controller)
 
-    front = sub.add_parser(
-        "node-front", help="serve kubelet's CSI node socket, forwarding to this node's data "
-        "plane (tandem node), so the plugin can restart without touching any I/O")
-    front.add_argument("--csi-endpoint", required=True, help="unix:///path/to/csi.sock")
-    front.add_argument("--data-plane-endpoint", required=True,
-                       help="the CSI socket of this node's `tandem node`, unix:///path")
-    front.add_argument("--log-level", default="info")
-    front.set_defaults(func=cmd_node_front)
+    _add_node_front(sub)
 
     node = sub.add_parser("node", help="run the CSI node plugin on this node")
     _add_daemon_flags(node)
@@ -211,10 +207,58 @@ def build_parser() -> argparse.ArgumentParser:
                       "the pool answers, else 503 and why (a readinessProbe)")
     node.set_defaults(func=cmd_node)
 
-    from csi_driver import cli_tools
+    _add_credentials(sub)
+    # The dev cluster, the demo and the benches live in the source tree only (devtools/):
+    # an installed package or the image has no such commands.
+    if importlib.util.find_spec("devtools") is not None:
+        from devtools.cli_commands import add_commands
 
-    cli_tools.add_commands(sub)
+        add_commands(sub)
     return parser
+
+
+def _add_node_front(sub: Any) -> None:
+    front = sub.add_parser(
+        "node-front", help="serve kubelet's CSI node socket, forwarding to this node's data "
+        "plane (tandem node), so the plugin can restart without touching any I/O")
+    front.add_argument("--csi-endpoint", required=True, help="unix:///path/to/csi.sock")
+    front.add_argument("--data-plane-endpoint", required=True,
+                       help="the CSI socket of this node's `tandem node`, unix:///path")
+    front.add_argument("--log-level", default="info")
+    front.set_defaults(func=cmd_node_front)
+
+
+def _add_credentials(sub: Any) -> None:
+    creds = sub.add_parser("credentials", help="the cluster's replication secret")
+    crsub = creds.add_subparsers(dest="credentials_command", required=True)
+    gen = crsub.add_parser("generate", help="make new cluster credentials (docs/security.md)")
+    gen.add_argument("--dir", help="write cluster-secret, agent.key, agent.pub here")
+    gen.add_argument("--kubernetes", action="store_true",
+                     help="print the two Secret manifests the deployment mounts instead")
+    gen.add_argument("--namespace", default="tandem-system")
+    gen.set_defaults(func=_credentials_generate)
+
+
+def _credentials_generate(args: argparse.Namespace) -> int:
+    """New credentials into --dir, or as Kubernetes Secret manifests on stdout."""
+    from csi_driver.credentials import kubernetes_secrets, write_credentials
+
+    if args.kubernetes:
+        print(kubernetes_secrets(args.namespace), end="")
+        return 0
+    if args.dir is None:
+        print("tandem: error: give --dir DIR or --kubernetes", file=sys.stderr)
+        return 2
+    try:
+        write_credentials(Path(args.dir))
+    except FileExistsError as exc:
+        print(f"tandem: error: {exc}; rotate by adding lines (docs/security.md)",
+              file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"tandem: error: cannot write {args.dir}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -182,7 +182,7 @@ class NodeConfig:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_trust_file: Path | None = None  # default: the certificate file itself
-    health_listen: tuple[str, int] | None = None  # GET /readyz (csi_driver.health)
+    health_listen: tuple[str, int] | None = None  # GET /readyz (csi_driver.node.health)
 
     def __post_init__(self) -> None:
         if not _NODE_ID_RE.match(self.node_id):

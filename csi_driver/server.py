@@ -18,34 +18,34 @@ from pathlib import Path
 import grpc
 
 from csi_driver._gen import agent_pb2_grpc, csi_pb2_grpc
-from csi_driver.agent import AgentClients, AgentServicer
 from csi_driver.agent_auth import (
     AgentAuthInterceptor,
     AgentVerifier,
     load_public_keys,
     load_signer,
 )
-from csi_driver.attach import choose_attacher
 from csi_driver.config import ControllerConfig, NodeConfig
-from csi_driver.controller import ControllerServicer
-from csi_driver.health import HealthServer
+from csi_driver.controller.kube_api import connect
+from csi_driver.controller.node_down import Policy
+from csi_driver.controller.node_down_loop import NodeDownResponder
+from csi_driver.controller.reconciler import Reconciler
+from csi_driver.controller.service import ControllerServicer
+from csi_driver.controller.volumes import VolumeService
 from csi_driver.identity import IdentityServicer
-from csi_driver.kube_api import connect
 from csi_driver.locks import VolumeLocks
-from csi_driver.membership import Membership
-from csi_driver.node import NodeServicer
-from csi_driver.node_down import Policy
-from csi_driver.node_down_loop import NodeDownResponder
-from csi_driver.ownership import Ownership
-from csi_driver.reconciler import Reconciler
-from csi_driver.replica_access import StoreReplicaAccess
+from csi_driver.node.agent import AgentClients, AgentServicer
+from csi_driver.node.attach import choose_attacher
+from csi_driver.node.health import HealthServer
+from csi_driver.node.membership import Membership
+from csi_driver.node.ownership import Ownership
+from csi_driver.node.replica_access import StoreReplicaAccess
+from csi_driver.node.service import NodeServicer
+from csi_driver.node.staging import StagingService
+from csi_driver.node.targets import TargetProcesses, local_writers_dir
 from csi_driver.replica_decisions import may_delete
-from csi_driver.staging import StagingService
 from csi_driver.state import errors as store_errors
 from csi_driver.state.etcd import EtcdStore
 from csi_driver.state.store import Store
-from csi_driver.targets import TargetProcesses, local_writers_dir
-from csi_driver.volumes import VolumeService
 from replication.local_writers import LocalWriters
 from replication.peer_auth import PeerAuth, load_secret
 from replication.peer_tls import load_peer_tls, reload_forever

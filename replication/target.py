@@ -306,7 +306,7 @@ class ReplicatedBackend:
             client.close()
         self._clients.clear()
 
-    # -- the view from inside: csi_driver/target_dump.py logs these on SIGUSR1 -------------
+    # -- the view from inside: csi_driver/node/target_dump.py logs these on SIGUSR1 -------------
 
     @property
     def _open_gate(self) -> asyncio.Event:

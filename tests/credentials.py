@@ -10,8 +10,8 @@ import os
 import ssl
 from pathlib import Path
 
-from csi_driver.devcluster import cluster_secret_path, load_spec
-from csi_driver.devcluster.cluster import tls_paths
+from devtools.devcluster import cluster_secret_path, load_spec
+from devtools.devcluster.cluster import tls_paths
 from replication.peer_auth import PeerAuth, load_secret
 from replication.peer_tls import load_peer_tls
 

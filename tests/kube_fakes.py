@@ -1,9 +1,10 @@
 """Fakes of the few ``kubernetes.client`` CoreV1Api / CoordinationV1Api methods the node-down
-responder's edge (csi_driver.kube_api) calls: no Kubernetes API server can be installed on
-this machine. They hold and return the client's real model objects (``V1Node``, ``V1Pod``,
-...), so attribute names are the client's own, and they enforce what the API server would for
-our requests: a JSON Patch that sets ``metadata.resourceVersion`` is refused with 409 when the
-Node moved on, a delete's UID precondition is honoured, 404 for what does not exist.
+responder's edge (csi_driver.controller.kube_api) calls: no Kubernetes API server can be
+installed on this machine. They hold and return the client's real model objects
+(``V1Node``, ``V1Pod``, ...), so attribute names are the client's own, and they enforce what
+the API server would for our requests: a JSON Patch that sets ``metadata.resourceVersion``
+is refused with 409 when the Node moved on, a delete's UID precondition is honoured, 404 for
+what does not exist.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from csi_driver.kube_api import KubeApi
+from csi_driver.controller.kube_api import KubeApi
 
 # -- fakes ------------------------------------------------------------------------------------
 

@@ -30,10 +30,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi_driver import devcluster
 from csi_driver._gen import csi_pb2
 from csi_driver.client import CsiClient, mount_capability
 from csi_driver.config import TOPOLOGY_KEY
+from devtools import devcluster
 
 MIB = 1 << 20
 GIB = 1 << 30

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from csi_driver.isr_authority import SELF_FENCE_MARGIN_S, EtcdAuthority, Keeper
+from csi_driver.node.isr_authority import SELF_FENCE_MARGIN_S, EtcdAuthority, Keeper
 from csi_driver.state.errors import ConflictError
 from csi_driver.state.model import (
     OwnerClaim,

@@ -26,11 +26,14 @@ from typing import TypeVar
 
 import pytest
 
-from csi_driver import devcluster
 from csi_driver.client import CsiClient
-from csi_driver.crashcheck import WriterLog
-from csi_driver.devcluster import mounts
-from csi_driver.failover_csi import (
+from csi_driver.state.etcd import EtcdStore
+from csi_driver.state.model import VolumeRecord
+from csi_driver.verify import VerifyReport, verify_volume
+from devtools import devcluster
+from devtools.crashcheck import WriterLog
+from devtools.devcluster import mounts
+from devtools.failover_csi import (
     Takeover,
     create_block_volume,
     delete_volume,
@@ -40,17 +43,14 @@ from csi_driver.failover_csi import (
     take_over,
     unpublish_unstage,
 )
-from csi_driver.failover_io import (
+from devtools.failover_io import (
     VOLUME_BYTES,
     BlockWriter,
     new_writer_id,
     read_and_check,
     read_device,
 )
-from csi_driver.failover_trial import WRITE_BLOCKS, settle
-from csi_driver.state.etcd import EtcdStore
-from csi_driver.state.model import VolumeRecord
-from csi_driver.verify import VerifyReport, verify_volume
+from devtools.failover_trial import WRITE_BLOCKS, settle
 from tests.credentials import cluster_auth, cluster_tls
 
 LEASE_TTL_S = 2.0

@@ -22,13 +22,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi_driver import devcluster
-from csi_driver.crashcheck import WriterLog
-from csi_driver.devcluster import mounts
-from csi_driver.failover_bench import run_trial
-from csi_driver.failover_csi import stage, unpublish_unstage
-from csi_driver.failover_io import BlockWriter, new_writer_id, read_device, write_one
-from csi_driver.fault_modes import FAULT_MODES, run_fault_trial
+from devtools import devcluster
+from devtools.crashcheck import WriterLog
+from devtools.devcluster import mounts
+from devtools.failover_bench import run_trial
+from devtools.failover_csi import stage, unpublish_unstage
+from devtools.failover_io import BlockWriter, new_writer_id, read_device, write_one
+from devtools.fault_modes import FAULT_MODES, run_fault_trial
 from tests.fault.conftest import (
     LEASE_TTL_S,
     Fault,

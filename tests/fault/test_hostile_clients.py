@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from csi_driver._gen import agent_pb2, agent_pb2_grpc
 from csi_driver.agent_auth import METADATA_KEY, AgentSigner, load_signer
-from csi_driver.devcluster import NodeSpec
-from csi_driver.devcluster.cluster import agent_key_paths
+from devtools.devcluster import NodeSpec
+from devtools.devcluster.cluster import agent_key_paths
 from replication.errors import ReplicaUnavailableError
 from replication.frames import MAGIC
 from replication.messages import PROTOCOL_VERSION, Event, Op, Request, Response, Role, Status

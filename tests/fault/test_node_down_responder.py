@@ -16,11 +16,11 @@ import time
 
 from kubernetes import client as k8s
 
-from csi_driver import node_down as nd
 from csi_driver.config import DRIVER_NAME
-from csi_driver.crashcheck import WriterLog
-from csi_driver.node_down_loop import NodeDownResponder
+from csi_driver.controller import node_down as nd
+from csi_driver.controller.node_down_loop import NodeDownResponder
 from csi_driver.state.etcd import EtcdStore
+from devtools.crashcheck import WriterLog
 from tests.fault.conftest import Fault, assert_clean, start_writer
 from tests.kube_fakes import FakeCore, api, node, pod
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver import devcluster
-from csi_driver.crashcheck import WriteRecord, WriterLog
-from csi_driver.failover_csi import unpublish_unstage
+from devtools import devcluster
+from devtools.crashcheck import WriteRecord, WriterLog
+from devtools.failover_csi import unpublish_unstage
 from replication.proc_identity import start_ticks
 from tests.fault.conftest import Fault, assert_clean, start_writer
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi_driver.crashcheck import WriterLog
-from csi_driver.failover_csi import create_block_volume, delete_volume
-from csi_driver.failover_io import BlockWriter
+from csi_driver.controller.volumes import volume_id_for
 from csi_driver.state.etcd import EtcdStore
-from csi_driver.volumes import volume_id_for
+from devtools.crashcheck import WriterLog
+from devtools.failover_csi import create_block_volume, delete_volume
+from devtools.failover_io import BlockWriter
 from replication.authority import ResyncProgress
 from tests.fault.conftest import (
     Fault,

@@ -17,9 +17,9 @@ from pathlib import Path
 import grpc
 
 from csi_driver._gen import csi_pb2
-from csi_driver.crashcheck import WriterLog
-from csi_driver.failover_csi import stage
-from csi_driver.failover_io import new_writer_id, write_one
+from devtools.crashcheck import WriterLog
+from devtools.failover_csi import stage
+from devtools.failover_io import new_writer_id, write_one
 from tests.fault.conftest import Fault, assert_clean, assert_replicas_match, run_store
 
 Code = grpc.StatusCode

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from csi_driver import devcluster
-from csi_driver.failover_bench import run_trial
-from csi_driver.fault_modes import run_fault_trial
+from devtools import devcluster
+from devtools.failover_bench import run_trial
+from devtools.fault_modes import run_fault_trial
 from tests.fault.conftest import LEASE_TTL_S, Fault, harness, running_cluster
 
 pytestmark = pytest.mark.integration

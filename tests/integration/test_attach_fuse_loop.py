@@ -26,8 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver import errors, mount
-from csi_driver.attach import (
+from csi_driver import errors
+from csi_driver.node import mount
+from csi_driver.node.attach import (
     STATE_FILE_NAME,
     AttachError,
     Attachment,
@@ -35,7 +36,7 @@ from csi_driver.attach import (
     KernelNbdAttacher,
     NbdAttacher,
 )
-from csi_driver.loop import LoopAttacher
+from csi_driver.node.loop import LoopAttacher
 from replication.command import run, run_async
 
 pytestmark = [

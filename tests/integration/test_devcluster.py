@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver import devcluster as dc
-from csi_driver.devcluster import netns, procs
-from csi_driver.devcluster.mounts import loop_devices, mounts
+from devtools import devcluster as dc
+from devtools.devcluster import netns, procs
+from devtools.devcluster.mounts import loop_devices, mounts
 from replication.proc_identity import start_ticks
 
 pytestmark = [

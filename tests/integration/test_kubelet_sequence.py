@@ -29,10 +29,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi_driver import devcluster
 from csi_driver._gen import csi_pb2
 from csi_driver.client import CsiClient
 from csi_driver.config import TOPOLOGY_KEY
+from devtools import devcluster
 from tests.direct_io import direct_read, direct_write
 from tests.fault import conftest as fault_fixtures
 from tests.fault.conftest import Fault
@@ -374,7 +374,7 @@ def test_raw_block_node_publish_retried_by_kubelet_is_idempotent(
         pytest.fail(
             "DRIVER BUG: a repeated block NodePublishVolume (same request) is refused with "
             f"{refused.code.name} ({refused.details.rsplit(' is ', 1)[-1]}). "
-            "csi_driver/staging.py StagingService.publish compares the publish path's "
+            "csi_driver/node/staging.py StagingService.publish compares the publish path's "
             "mountinfo major:minor / source with the loop device, but a bind-mounted device "
             f"node shows the devtmpfs it lives in (source {layers[-1].source!r}, major:minor "
             f"of devtmpfs, root {_root_of(publish)!r}), so it never matches.")

@@ -13,13 +13,13 @@ from typing import Any
 import grpc
 import pytest
 
-from csi_driver import devcluster
 from csi_driver._gen import csi_pb2
 from csi_driver.client import CsiClient, block_capability
 from csi_driver.config import TOPOLOGY_KEY
-from csi_driver.failover_csi import publish, stage, unpublish_unstage
 from csi_driver.state.etcd import EtcdStore
 from csi_driver.verify import verify_volume
+from devtools import devcluster
+from devtools.failover_csi import publish, stage, unpublish_unstage
 from tests.credentials import cluster_auth
 from tests.direct_io import direct_read, direct_write
 

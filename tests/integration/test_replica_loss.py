@@ -31,13 +31,13 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver import devcluster
 from csi_driver._gen import csi_pb2
 from csi_driver.client import CsiClient, block_capability
-from csi_driver.devcluster.mounts import loop_devices
-from csi_driver.export import export_volume
 from csi_driver.state.etcd import EtcdStore
 from csi_driver.verify import verify_volume
+from devtools import devcluster
+from devtools.devcluster.mounts import loop_devices
+from devtools.export import export_volume
 from tests.credentials import cluster_auth
 
 pytestmark = [

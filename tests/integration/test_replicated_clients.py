@@ -29,13 +29,14 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver import devcluster, errors
+from csi_driver import errors
 from csi_driver._gen import csi_pb2
 from csi_driver.client import CsiClient, block_capability, mount_capability
-from csi_driver.devcluster.mounts import loop_devices, mounts
-from csi_driver.export import ExportHandle, export_volume
 from csi_driver.state.etcd import EtcdStore
 from csi_driver.verify import VerifyReport, verify_volume
+from devtools import devcluster
+from devtools.devcluster.mounts import loop_devices, mounts
+from devtools.export import ExportHandle, export_volume
 from tests.credentials import cluster_auth
 
 pytestmark = [

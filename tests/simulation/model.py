@@ -20,8 +20,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from csi_driver.isr_authority import EtcdAuthority, Keeper
-from csi_driver.ownership import Ownership
+from csi_driver.node.isr_authority import EtcdAuthority, Keeper
+from csi_driver.node.ownership import Ownership
 from csi_driver.state import errors as store_errors
 from csi_driver.state.memory import ManualClock, MemoryStore
 from csi_driver.state.model import (

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from csi_driver import errors
-from csi_driver.attach import (
+from csi_driver.node.attach import (
     KIND_FUSE_LOOP,
     KIND_KERNEL_NBD,
     STATE_FILE_NAME,
@@ -31,7 +31,7 @@ from csi_driver.attach import (
     nbdfuse_argv,
     save_attachment,
 )
-from csi_driver.loop import find_loop_device
+from csi_driver.node.loop import find_loop_device
 from replication.proc_identity import parse_proc_stat
 
 LOSETUP_JSON = """{

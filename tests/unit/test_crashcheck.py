@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from csi_driver.crashcheck import (
+from devtools.crashcheck import (
     BLOCK_SIZE,
     PAYLOAD_SIZE,
     CorruptBlockError,
@@ -22,7 +22,7 @@ from csi_driver.crashcheck import (
     encode_block,
     payload_digest,
 )
-from csi_driver.crashcheck import check as run_check
+from devtools.crashcheck import check as run_check
 
 OLD, NEW = 0xA1, 0xB2
 BLANK = bytes(BLOCK_SIZE)

@@ -608,7 +608,7 @@ def test_data_plane_is_upgraded_only_by_drain_and_the_front_rolls(
     async def fake_run(csi_socket: object, backend_target: str) -> None:
         served.append((csi_socket, backend_target))
 
-    monkeypatch.setattr("csi_driver.node_front.run", fake_run)
+    monkeypatch.setattr("csi_driver.node.front.run", fake_run)
     args = cli.build_parser().parse_args(_argv(front)[1:])
     assert args.func(args) == 0
     assert served == [(Path("/csi/csi.sock"), "unix:///dataplane/csi.sock")]

@@ -26,7 +26,7 @@ DOCKERIGNORE = REPO / ".dockerignore"
 BUILD_SCRIPT = REPO / "scripts" / "build-image.sh"
 
 # Debian packages the runtime stage must install: the interpreter and every tool the node
-# plugin execs (csi_driver/mount.py, attach.py, loop.py; replication/pool/lvm.py).
+# plugin execs (csi_driver/node/mount.py, attach.py, loop.py; replication/pool/lvm.py).
 RUNTIME_PACKAGES = ("python3", "e2fsprogs", "xfsprogs", "util-linux", "mount", "lvm2",
                     "nbd-client", "fuse3", "libnbd-bin")
 OCI_LABELS = ("title", "description", "source", "licenses", "version")

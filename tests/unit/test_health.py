@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from csi_driver.health import HealthServer, readiness
+from csi_driver.node.health import HealthServer, readiness
 
 
 @pytest.mark.parametrize(("now", "renewed", "pool", "why"), [

@@ -1,4 +1,4 @@
-"""The node-down responder's Kubernetes edge (csi_driver.kube_api) and its loop.
+"""The node-down responder's Kubernetes edge (csi_driver.controller.kube_api) and its loop.
 
 UNIT TESTS OF OUR TRANSLATION ONLY. No Kubernetes API server can be installed on this
 machine, so these tests run against the fakes of tests/kube_fakes.py (``FakeCore``,
@@ -25,11 +25,11 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from csi_driver import kube_api
-from csi_driver import node_down as nd
 from csi_driver.config import DRIVER_NAME, ConfigError
-from csi_driver.kube_api import KubeApi, KubeConflictError
-from csi_driver.node_down_loop import NodeDownResponder
+from csi_driver.controller import kube_api
+from csi_driver.controller import node_down as nd
+from csi_driver.controller.kube_api import KubeApi, KubeConflictError
+from csi_driver.controller.node_down_loop import NodeDownResponder
 from csi_driver.state import errors as store_errors
 from csi_driver.state.model import (
     NodeRecord,
@@ -429,7 +429,7 @@ class World:
 def test_loop_taints_a_dead_node_and_untaints_it_when_back(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="csi_driver.node_down_loop")
+    caplog.set_level(logging.INFO, logger="csi_driver.controller.node_down_loop")
     world = World(nd.Policy("taint", grace_s=30.0))
     world.step()
     world.kill("n2")
@@ -456,7 +456,7 @@ def test_loop_taints_a_dead_node_and_untaints_it_when_back(
 
 
 def test_loop_delete_pods_mode(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="csi_driver.node_down_loop")
+    caplog.set_level(logging.INFO, logger="csi_driver.controller.node_down_loop")
     world = World(nd.Policy("delete-pods", grace_s=30.0))
     world.core.bind("ns", "data-db-0", "pv-1", DRIVER_NAME)
     world.core.pods = [_pod("db-0", "n2", ["data-db-0"]), _pod("web", "n2"),
@@ -481,7 +481,7 @@ def test_loop_delete_pods_mode(caplog: pytest.LogCaptureFixture) -> None:
 def test_loop_fenced_mode_moves_a_pod_once_its_claim_lapses(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="csi_driver.node_down_loop")
+    caplog.set_level(logging.INFO, logger="csi_driver.controller.node_down_loop")
     world = World(nd.Policy("fenced"))
     world.core.bind("ns", "data-db-0", "pv-1", DRIVER_NAME)
     world.core.bind("ns", "data-db-1", "pv-2", DRIVER_NAME)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from csi_driver.mount import parse_mountinfo
+from csi_driver.node.mount import parse_mountinfo
 
 SAMPLE = (
     "22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"

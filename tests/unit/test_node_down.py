@@ -1,4 +1,4 @@
-"""The node-down responder's decisions (csi_driver.node_down), and its controller flags.
+"""The node-down responder's decisions (csi_driver.controller.node_down), and its controller flags.
 
 ``decide`` is pure: every test builds the Kubernetes view, the etcd view and the memory by
 hand and checks the actions. ``Sim`` runs rounds over time the way the controller loop does
@@ -17,10 +17,9 @@ from hypothesis import strategies as st
 
 from csi_driver import cli
 from csi_driver import config as cfg
-from csi_driver import node_down as nd
-from csi_driver.credentials import write_credentials
-from csi_driver.kube_api import connect
-from csi_driver.node_down import (
+from csi_driver.controller import node_down as nd
+from csi_driver.controller.kube_api import connect
+from csi_driver.controller.node_down import (
     ApplyTaint,
     DeletePods,
     Event,
@@ -34,6 +33,7 @@ from csi_driver.node_down import (
     decide,
     pods_needed,
 )
+from csi_driver.credentials import write_credentials
 
 TAINT = Policy("taint", grace_s=30.0, max_fraction=0.5)
 DELETE = Policy("delete-pods", grace_s=30.0, max_fraction=0.5)

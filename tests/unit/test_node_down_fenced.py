@@ -1,4 +1,4 @@
-"""The node-down responder's fast modes (csi_driver.node_down_fenced): tables and properties.
+"""The node-down responder's fast modes (controller/node_down_fenced.py): tables, properties.
 
 ``decide`` is pure: each test builds the Kubernetes view (nodes, pods with their tandem
 volume handles and the storage tandem cannot fence), the etcd view (live nodes, each
@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csi_driver import node_down as nd
-from csi_driver import node_down_fenced as fenced
-from csi_driver.node_down import (
+from csi_driver.controller import node_down as nd
+from csi_driver.controller import node_down_fenced as fenced
+from csi_driver.controller.node_down import (
     ApplyTaint,
     DeletePods,
     Event,

@@ -10,7 +10,7 @@ import asyncio
 import json
 from pathlib import Path
 
-from csi_driver.node_paths import CreatedPaths, Made, missing_dirs, write_durably
+from csi_driver.node.node_paths import CreatedPaths, Made, missing_dirs, write_durably
 
 VOL = "vol-0123456789abcdef01234567"
 

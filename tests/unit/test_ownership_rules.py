@@ -8,8 +8,8 @@ import time
 import pytest
 
 from csi_driver.config import ConfigError, check_lease_ttl, lease_ttl_arg
-from csi_driver.isr_authority import SELF_FENCE_MARGIN_S, EtcdAuthority, Keeper, fence_margin
-from csi_driver.ownership import Takeover, decide_takeover
+from csi_driver.node.isr_authority import SELF_FENCE_MARGIN_S, EtcdAuthority, Keeper, fence_margin
+from csi_driver.node.ownership import Takeover, decide_takeover
 from csi_driver.state.memory import MemoryStore
 from csi_driver.state.model import (
     OwnerClaim,

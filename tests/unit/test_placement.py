@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from csi_driver.placement import Candidate, PlacementError, place, usable_capacity
+from csi_driver.controller.placement import Candidate, PlacementError, place, usable_capacity
 
 K = "tandem.csi.io/node"
 GIB = 1 << 30

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from csi_driver.replica_access import access_refusal
+from csi_driver.node.replica_access import access_refusal
 from csi_driver.state.model import ReplicaRef, ReplicaState, VolumePhase, VolumeRecord
 
 

@@ -1,4 +1,4 @@
-"""How the node hears from its per-volume target processes (csi_driver/targets.py).
+"""How the node hears from its per-volume target processes (csi_driver/node/targets.py).
 
 The children here are real processes running tiny scripts that speak the target's stdout
 protocol (READY / FAILED <reason> / nothing), so the node side is checked without etcd:
@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver import errors, targets
+from csi_driver import errors
 from csi_driver.config import EtcdConfig, NodeConfig
-from csi_driver.ownership import OwnerLease
+from csi_driver.node import targets
+from csi_driver.node.ownership import OwnerLease
 
 LEASE = OwnerLease(0x1234, 2, 100.0)
 
