@@ -1,12 +1,11 @@
 """The per-volume target process: ``python -m csi_driver.node.target_main ...``.
 
 One process per volume staged on a node (its own GIL and event loop, and no way for the
-node process to deadlock on I/O to a device it serves itself). The node took ownership
-(epoch and claim in one transaction, csi_driver.node.ownership) and hands over the claim's lease
-(``--owner-lease``, ``--lease-granted-at``); the target reads the volume record, keeps that
-lease alive (self-fencing clock; after a lapse it regains the claim at the same epoch, see
-replication.hold), fences every replica at the record's epoch, and serves the NBD export on
-a unix socket. SIGTERM flushes, releases the claim and exits 0. Exit status 3 means the
+node process to deadlock on I/O to a device it serves itself). The node took ownership and
+hands over the claim's lease (``--owner-lease``, ``--lease-granted-at``); the target becomes
+the owner (keeps the lease alive, fences every replica, converges: the sequence is
+csi_driver.node.takeover), rebuilds replicas that come back, and serves the NBD export on a
+unix socket. SIGTERM flushes, releases the claim and exits 0. Exit status 3 means the
 volume cannot be served (the message on stderr says why); 2 means bad arguments.
 """
 
@@ -14,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import json
 import logging
@@ -29,14 +27,18 @@ from csi_driver.config import DEFAULT_LEASE_TTL_S, lease_ttl_arg
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from csi_driver.config import ConfigError, parse_etcd_endpoints
-from csi_driver.node.isr_authority import EtcdAuthority
+from csi_driver.node.ownership import OwnerLease
+from csi_driver.node.takeover import (
+    TakeoverRefusedError,
+    become_owner,
+    replica_endpoints,
+)
 from csi_driver.node.target_dump import dump_state
 from csi_driver.state import errors as store_errors
 from csi_driver.state.etcd import EtcdStore
-from csi_driver.state.model import VolumeRecord, min_in_sync_of
 from replication.atomic_file import write_atomic
 from replication.backend import BackendIOError
-from replication.fencing import connect_and_fence, open_volume
+from replication.fencing import connect_and_fence
 from replication.heap import keep_large_buffers_on_heap
 from replication.hold import DEFAULT_HOLD_S
 from replication.local_replica import LocalReplica
@@ -52,23 +54,10 @@ log = logging.getLogger("csi_driver.target")
 REJOIN_INTERVAL_S = 2.0
 CONDITION_EVERY_S = 1.0
 FENCE_CONNECT_TIMEOUT_S = 1.0
-ABANDON_TIMEOUT_S = 3.0
 
 
 class TargetStartError(Exception):
     """The volume cannot be served; exit 3 with this message."""
-
-
-async def _endpoints(store: EtcdStore, record: VolumeRecord) -> list[ReplicaEndpoint]:
-    live = {v.value.node_id: v.value for v in await store.list_nodes()}
-    endpoints = []
-    for node_id in record.replica_nodes():
-        node = live.get(node_id)
-        if node is None:
-            continue  # its lease expired: unreachable, dropped from the ISR at open
-        host, _, port = node.replica_address.rpartition(":")
-        endpoints.append(ReplicaEndpoint(node_id, host, int(port)))
-    return endpoints
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -81,23 +70,6 @@ async def serve(args: argparse.Namespace) -> None:
     except (SecretError, TlsConfigError) as exc:
         raise TargetStartError(str(exc)) from None
     store = EtcdStore(parse_etcd_endpoints(args.etcd_endpoints), prefix=args.etcd_prefix)
-    found = await store.get_volume(args.volume_id)
-    if found is None:
-        raise TargetStartError(f"volume {args.volume_id} does not exist")
-    record = found.value
-    if record.owner != args.node_id:
-        raise TargetStartError(f"volume {args.volume_id} is owned by {record.owner}, not us")
-    epoch = record.epoch
-    ctx = f"volume={args.volume_id} node={args.node_id} epoch={epoch}"
-    authority = EtcdAuthority(store, args.volume_id, args.node_id, epoch, args.owner_lease,
-                              args.lease_ttl, args.lease_granted_at)
-    authority.start()
-    try:
-        min_in_sync = min_in_sync_of(record)
-    except ValueError as exc:
-        await authority.release()
-        raise TargetStartError(str(exc)) from exc
-
     writers = LocalWriters(args.local_writers_dir) if args.local_replica_path else None
 
     async def connect(endpoint: ReplicaEndpoint) -> ReplicaClient:
@@ -111,20 +83,11 @@ async def serve(args: argparse.Namespace) -> None:
         local.enable_direct(args.local_replica_path, writers)
         return local
 
-    try:
-        backend = await open_volume(
-            args.volume_id, epoch, record.size_bytes, await _endpoints(store, record),
-            record.isr, args.node_id, authority, Path(args.state_dir), connect,
-            min_in_sync=min_in_sync, hold_s=args.hold_io_timeout,
-        )
-    except BaseException:
-        # Give the claim back now rather than at lease expiry: a stage elsewhere (or our
-        # own retry) must not be refused as "still served" by a target that never served.
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(ABANDON_TIMEOUT_S):
-                await authority.release()
-        raise
-    backend.expected_replicas = len(record.replicas)
+    lease = OwnerLease(args.owner_lease, args.lease_ttl, args.lease_granted_at)
+    owned = await become_owner(store, args.volume_id, args.node_id, lease,
+                               Path(args.state_dir), connect, args.hold_io_timeout)
+    authority, backend = owned.authority, owned.backend
+    ctx = f"volume={args.volume_id} node={args.node_id} epoch={owned.record.epoch}"
     rejoiner = asyncio.get_running_loop().create_task(
         _rejoin_forever(store, backend, args.volume_id, connect)
     )
@@ -176,7 +139,7 @@ async def _rejoin_forever(
             found = await store.get_volume(volume_id)
             if found is None or found.value.epoch != backend.epoch:
                 continue  # fenced soon: a write's CAS or a replica will tell the backend
-            endpoints = await _endpoints(store, found.value)
+            endpoints = await replica_endpoints(store, found.value)
         except store_errors.StoreError:
             continue
         for endpoint in endpoints:
@@ -230,7 +193,7 @@ async def run(args: argparse.Namespace) -> int:
     hears FAILED before the loop teardown (grpc channel shutdown is unbounded) can delay it."""
     try:
         await serve(args)
-    except (TargetStartError, ConfigError) as exc:
+    except (TargetStartError, TakeoverRefusedError, ConfigError) as exc:
         return _failed(str(exc))
     except BackendIOError as exc:  # e.g. no in-sync replica could be fenced
         return _failed(str(exc.args[-1]))
