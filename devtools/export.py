@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from csi_driver.node.ownership import OwnerLease, Ownership
 from csi_driver.node.targets import lease_args
 from csi_driver.state.etcd import EtcdStore
 from devtools.devcluster import ClusterSpec, cluster_secret_path, load_spec
+from replication.command import start_daemon
 
 READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 15.0
@@ -206,11 +206,9 @@ def _spawn(cluster_dir: Path, spec: ClusterSpec, volume_id: str, node_id: str,
         log.flush()
         # Own session: a Ctrl-C in the terminal reaches the CLI, which stops the target
         # in order (flush, then release ownership), not both at once.
-        proc = subprocess.Popen(
-            _argv(spec, volume_id, node_id, socket_path, state_dir, lease),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        proc = start_daemon(_argv(spec, volume_id, node_id, socket_path, state_dir, lease),
+                            stdout=subprocess.PIPE, stderr=log,
+                            env_extra={"PYTHONUNBUFFERED": "1"})
     return ExportHandle(cluster_dir, volume_id, node_id, socket_path, log_path, proc)
 
 

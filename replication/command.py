@@ -1,10 +1,12 @@
 """The project's one subprocess chokepoint: run an argv, collect its output, classify failure.
 
-Every external program (lvm tools, blkdiscard, mkfs, mount, ...) is started by ``run`` or its
-async twin ``run_async`` and nowhere else, so time-outs, locale, logging and error types are
-the same everywhere. This module must not: accept a shell string, let the child inherit the
-caller's locale (callers parse C-locale messages), leave a child or its descendants running
-after a time-out or cancellation, or log stdin (it may carry secrets).
+Every external program (lvm tools, blkdiscard, mkfs, mount, ...) is run by ``run`` or its
+async twin ``run_async``, and every long-lived child (nbdfuse, etcd, a dev cluster's
+processes) is started by ``start_daemon``, and nowhere else (the one exception is a volume's
+target process, which the node talks to over asyncio pipes), so time-outs, locale, logging
+and error types are the same everywhere. This module must not: accept a shell string, let the
+child inherit the caller's locale (callers parse C-locale messages), leave a child or its
+descendants running after a time-out or cancellation, or log stdin (it may carry secrets).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import IO
 
 from replication.errors import CommandError, CommandNotFound, CommandTimeout
 
@@ -86,6 +89,31 @@ def run(
         _log_outcome(args, "interrupted", started)
         raise
     return _finish(args, proc.returncode, out, err, check, started)
+
+
+def start_daemon(
+    argv: Sequence[str],
+    *,
+    stdout: int | IO[bytes] = subprocess.DEVNULL,
+    stderr: int | IO[bytes] = subprocess.DEVNULL,
+    env_extra: Mapping[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a long-lived child (no shell, stdin from /dev/null): nbdfuse, etcd, a dev
+    cluster's processes. Its own session, so a signal aimed at our process group (a Ctrl-C, a
+    container stop) never reaches it and its owner stops it in order. The caller keeps the
+    Popen and reaps it (a plain Popen: asyncio's transport would kill the child on GC).
+
+    Raises CommandNotFound when the binary is missing, CommandError when it cannot start.
+    """
+    args, env = _prepare(argv, env_extra)
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                                env=env, close_fds=True, start_new_session=True)
+    except OSError as exc:
+        raise _spawn_error(args, exc, started) from exc
+    log.debug("started pid=%d %s", proc.pid, shlex.join(args))
+    return proc
 
 
 async def run_async(

@@ -32,7 +32,7 @@ from csi_driver.node.loop import LoopAttacher
 from csi_driver.node.mount import flush_buffers, mounts_at
 from csi_driver.validation import check_volume_id
 from replication.atomic_file import write_atomic
-from replication.command import CommandError, CommandNotFound, run_async
+from replication.command import CommandError, run_async, start_daemon
 from replication.proc_identity import parse_proc_stat
 
 log = logging.getLogger(__name__)
@@ -221,15 +221,10 @@ class FuseLoopAttacher(NbdAttacher):
         return attachment
 
     def _spawn(self, argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-        # Long-running: Popen (asyncio's transport kills its child on GC). Own session: a signal
-        # to our process group must not take volumes down. stderr to a file: no pipe to drain.
+        # Own session (start_daemon): a signal to our process group must not take volumes
+        # down. stderr to a file: no pipe to drain.
         with open(log_path, "ab") as log_file:
-            try:
-                proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file,
-                    start_new_session=True, env={**os.environ, "LC_ALL": "C"})
-            except FileNotFoundError as exc:
-                raise CommandNotFound(argv, str(exc)) from exc
+            proc = start_daemon(argv, stderr=log_file)
         self._children[proc.pid] = proc
         return proc
 

@@ -21,6 +21,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+from replication.command import start_daemon
+
 ETCD_BINARY = "/usr/bin/etcd"
 
 
@@ -108,15 +110,9 @@ class EtcdServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (lives as long as etcd)
-        self._proc = subprocess.Popen(
-            self.command(),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            # Own process group: a Ctrl-C aimed at pytest must not kill etcd before
-            # the fixture's teardown has a chance to stop it cleanly.
-            start_new_session=True,
-        )
+        # Own session: a Ctrl-C aimed at pytest must not kill etcd before the fixture's
+        # teardown has a chance to stop it cleanly.
+        self._proc = start_daemon(self.command(), stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from devtools.devcluster.spec import ClusterError, ProcRecord
+from replication.command import start_daemon
 from replication.proc_identity import start_ticks
 
 _children: dict[int, subprocess.Popen[bytes]] = {}
@@ -37,12 +38,9 @@ def spawn(
     prefix: Sequence[str] = (), append_log: bool = False,
 ) -> ProcRecord:
     """Start argv detached (own session) with stdout+stderr to log; return its record."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "ab" if append_log else "wb") as out:
-        proc = subprocess.Popen(
-            [*prefix, *argv], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, env=env,
-        )
+        proc = start_daemon([*prefix, *argv], stdout=out, stderr=subprocess.STDOUT,
+                            env_extra={"PYTHONUNBUFFERED": "1"})
     _children[proc.pid] = proc
     # The process may already have died; 0 then never matches a live process.
     ticks = start_ticks(proc.pid) or 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -191,3 +192,27 @@ def test_async_cancellation_kills_the_child(tmp_path: Path) -> None:
     asyncio.run(scenario())
     (child,) = _read_pids(pids, 1)
     assert not _alive(child)
+
+
+def test_start_daemon_runs_a_long_lived_child_in_its_own_session(tmp_path: Path) -> None:
+    out = tmp_path / "out.log"
+    with open(out, "wb") as log:
+        proc = command.start_daemon(
+            ["sh", "-c", 'echo "$LC_ALL $EXTRA"; read -r line || echo eof; sleep 30'],
+            stdout=log, env_extra={"EXTRA": "x"})
+    try:
+        assert os.getsid(proc.pid) == proc.pid  # a signal to our group does not reach it
+        deadline = time.monotonic() + 10
+        while "eof" not in out.read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert out.read_text().split("\n")[:2] == ["C x", "eof"]  # C locale; stdin /dev/null
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_start_daemon_refuses_what_run_refuses() -> None:
+    with pytest.raises(CommandNotFound):
+        command.start_daemon(["/nonexistent/tandem-helper"])
+    with pytest.raises(TypeError):
+        command.start_daemon("sleep 1")  # a str is a Sequence[str]: refused at run time
