@@ -6,18 +6,21 @@ concurrent callers, then delete them all the same way. Each caller is a thread w
 own gRPC channel to the controller socket, as several external-provisioner workers would
 be. Records every call's latency and error code, the controller's peak RSS (sampled from
 /proc while the calls run) and prints percentiles and throughput; ``--json`` writes it all.
-Absolute numbers swing up to 40 % between runs here: compare runs made in one sitting.
+The create/delete round runs ``--repeat`` times (default 3) on the one cluster, and each
+figure is reported as the median with its min-max over the rounds, never a best run:
+absolute numbers swing up to 40 % between runs here.
 
 Must not: be imported by the driver or the tests, or leave a cluster running (the cluster
 is always torn down, also on errors and Ctrl-C).
 
     .venv/bin/python bench/bench_controller.py --dir /tmp/tandem-bench-controller \
-        [--volumes 200] [--concurrency 8] [--nodes 3] [--json out.json]
+        [--volumes 200] [--concurrency 8] [--nodes 3] [--repeat 3] [--json out.json]
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 # As in the CLI: gRPC's fork handlers can crash the children devcluster forks (ip, mount)
 # while client threads are busy. Must be set before grpc is imported.
@@ -40,6 +43,10 @@ import grpc
 
 from csi_driver._gen import csi_pb2
 from csi_driver.client import CsiClient, mount_capability
+
+# Run from a source checkout: devtools (the dev cluster) is not an installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from devtools import devcluster
 
 MIB = 1 << 20
@@ -228,7 +235,48 @@ def pool_size_for(volumes: int) -> int:
     return max(1 << 30, 2 * volumes * VOLUME_SIZE)
 
 
-def run(directory: Path, volumes: int, concurrency: int, nodes: int) -> dict[str, Any]:
+def one_round(endpoint: str, volumes: int, concurrency: int, replicas: int) -> dict[str, Any]:
+    """Create ``volumes`` volumes, list them, delete them: the figures of one round."""
+    names = [f"bench-{uuid.uuid4().hex[:8]}-{i:05d}" for i in range(volumes)]
+    created, ids = run_phase("CreateVolume", endpoint, names, concurrency,
+                             create_volume(replicas))
+    listed = listed_volume_ids(endpoint)
+    deleted, _ = run_phase("DeleteVolume", endpoint, ids, concurrency, delete_volume)
+    remaining = listed_volume_ids(endpoint) & set(ids)
+    return {"create": created.summary(), "delete": deleted.summary(),
+            "listed_after_create": len(listed & set(ids)),
+            "remaining_after_delete": len(remaining)}
+
+
+# Per round, what is compared across rounds: (label, phase, path in the phase summary).
+SPREAD = (("CreateVolume p50 ms", "create", ("latency_ms", "p50")),
+          ("CreateVolume p99 ms", "create", ("latency_ms", "p99")),
+          ("CreateVolume /s", "create", ("throughput_per_s",)),
+          ("DeleteVolume p50 ms", "delete", ("latency_ms", "p50")),
+          ("DeleteVolume p99 ms", "delete", ("latency_ms", "p99")))
+
+
+def spread(rounds: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Median and min-max of each SPREAD figure over the rounds (never a best run)."""
+    out: dict[str, dict[str, float]] = {}
+    for label, phase, path in SPREAD:
+        values = []
+        for r in rounds:
+            value: Any = r[phase]
+            for key in path:
+                value = value[key]
+            if value is not None:
+                values.append(float(value))
+        if values:
+            values.sort()
+            mid = len(values) // 2
+            median = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+            out[label] = {"median": round(median, 1), "min": values[0], "max": values[-1]}
+    return out
+
+
+def run(directory: Path, volumes: int, concurrency: int, nodes: int,
+        repeat: int = 3) -> dict[str, Any]:
     replicas = min(REPLICAS, nodes)
     started = time.monotonic()
     # up() tears down what it started when it fails; calling down() for that case too
@@ -237,23 +285,17 @@ def run(directory: Path, volumes: int, concurrency: int, nodes: int) -> dict[str
     up_s = time.monotonic() - started
     try:
         endpoint = spec.controller.csi_endpoint
-        names = [f"bench-{uuid.uuid4().hex[:8]}-{i:05d}" for i in range(volumes)]
         with RssSampler(spec.controller.pid) as rss:
-            created, ids = run_phase("CreateVolume", endpoint, names, concurrency,
-                                     create_volume(replicas))
-            listed = listed_volume_ids(endpoint)
-            deleted, _ = run_phase("DeleteVolume", endpoint, ids, concurrency, delete_volume)
-            remaining = listed_volume_ids(endpoint) & set(ids)
+            rounds = [one_round(endpoint, volumes, concurrency, replicas)
+                      for _ in range(repeat)]
         return {
             "config": {"volumes": volumes, "concurrency": concurrency, "nodes": nodes,
                        "replicas": replicas, "volume_size_bytes": VOLUME_SIZE,
-                       "pool_size_bytes": pool_size_for(volumes),
+                       "pool_size_bytes": pool_size_for(volumes), "repeat": repeat,
                        "netns": spec.bridge is not None},
             "cluster_up_s": round(up_s, 2),
-            "create": created.summary(),
-            "delete": deleted.summary(),
-            "listed_after_create": len(listed & set(ids)),
-            "remaining_after_delete": len(remaining),
+            "rounds": rounds,
+            "spread": spread(rounds),
             "controller_rss": rss.summary(),
         }
     finally:
@@ -264,23 +306,26 @@ def report(result: dict[str, Any]) -> list[str]:
     cfg = result["config"]
     lines = [
         f"{cfg['volumes']} volumes x {cfg['volume_size_bytes'] // MIB} MiB, "
-        f"{cfg['replicas']} replicas, {cfg['nodes']} nodes, {cfg['concurrency']} callers "
-        f"(cluster up in {result['cluster_up_s']} s)",
+        f"{cfg['replicas']} replicas, {cfg['nodes']} nodes, {cfg['concurrency']} callers, "
+        f"{cfg['repeat']} rounds (cluster up in {result['cluster_up_s']} s)",
     ]
-    for key in ("create", "delete"):
-        s = result[key]
-        lat = s["latency_ms"]
-        name = "CreateVolume" if key == "create" else "DeleteVolume"
+    for i, r in enumerate(result["rounds"], 1):
+        for key in ("create", "delete"):
+            s = r[key]
+            lat = s["latency_ms"]
+            name = "CreateVolume" if key == "create" else "DeleteVolume"
+            lines.append(
+                f"  round {i} {name}: {s['ok']}/{s['calls']} ok in {s['wall_s']} s = "
+                f"{s['throughput_per_s']}/s; latency ms p50 {lat['p50']} p90 {lat['p90']} "
+                f"p99 {lat['p99']} max {lat['max']}; errors {s['errors'] or 'none'}"
+            )
         lines.append(
-            f"  {name}: {s['ok']}/{s['calls']} ok in {s['wall_s']} s = "
-            f"{s['throughput_per_s']}/s; latency ms p50 {lat['p50']} p90 {lat['p90']} "
-            f"p99 {lat['p99']} max {lat['max']}; errors {s['errors'] or 'none'}"
+            f"  round {i} ListVolumes after create: {r['listed_after_create']} of ours; "
+            f"after delete: {r['remaining_after_delete']} left"
         )
+    for label, v in result["spread"].items():
+        lines.append(f"  {label}: median {v['median']} [{v['min']}-{v['max']}]")
     rss = result["controller_rss"]
-    lines.append(
-        f"  ListVolumes after create: {result['listed_after_create']} of ours; "
-        f"after delete: {result['remaining_after_delete']} left"
-    )
     lines.append(
         f"  controller RSS: peak {rss['peak_mib']} MiB (start {rss['start_mib']}, "
         f"end {rss['end_mib']}, {rss['samples']} samples)"
@@ -294,11 +339,13 @@ def main() -> None:
     parser.add_argument("--volumes", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds on one cluster; figures are medians [min-max] over them")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
-    if args.volumes < 1 or args.concurrency < 1 or args.nodes < 1:
-        parser.error("--volumes, --concurrency and --nodes must be at least 1")
-    result = run(args.dir, args.volumes, args.concurrency, args.nodes)
+    if min(args.volumes, args.concurrency, args.nodes, args.repeat) < 1:
+        parser.error("--volumes, --concurrency, --nodes and --repeat must be at least 1")
+    result = run(args.dir, args.volumes, args.concurrency, args.nodes, args.repeat)
     print("\n".join(report(result)))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

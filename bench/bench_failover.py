@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 # As in the CLI: gRPC's fork handlers can crash the children devcluster forks (ip, mount).
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+# Run from a source checkout: devtools (the dev cluster) is not an installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from devtools.failover_bench import main
 

@@ -60,6 +60,10 @@ from csi_driver._gen import csi_pb2
 from csi_driver.client import CsiClient, block_capability
 from csi_driver.config import TOPOLOGY_KEY
 from csi_driver.node.attach import FuseLoopAttacher
+
+# Run from a source checkout: devtools (the dev cluster) is not an installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from devtools import devcluster
 
 MiB = 1 << 20

@@ -1,10 +1,10 @@
 """The project's one subprocess chokepoint: run an argv, collect its output, classify failure.
 
 Every external program (lvm tools, blkdiscard, mkfs, mount, ...) is run by ``run`` or its
-async twin ``run_async``, and every long-lived child (nbdfuse, etcd, a dev cluster's
-processes) is started by ``start_daemon``, and nowhere else (the one exception is a volume's
-target process, which the node talks to over asyncio pipes), so time-outs, locale, logging
-and error types are the same everywhere. This module must not: accept a shell string, let the
+async twin ``run_async``; every long-lived child is started by ``start_daemon`` (nbdfuse,
+etcd, a dev cluster's processes: their own session) or ``start_piped`` (a volume's target,
+driven over its stdin and stdout), and nowhere else, so locale, logging and error types are
+the same everywhere. This module must not: accept a shell string, let the
 child inherit the caller's locale (callers parse C-locale messages), leave a child or its
 descendants running after a time-out or cancellation, or log stdin (it may carry secrets).
 """
@@ -110,6 +110,25 @@ def start_daemon(
     try:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                                 env=env, close_fds=True, start_new_session=True)
+    except OSError as exc:
+        raise _spawn_error(args, exc, started) from exc
+    log.debug("started pid=%d %s", proc.pid, shlex.join(args))
+    return proc
+
+
+async def start_piped(
+    argv: Sequence[str], *, stderr: int | IO[bytes] = subprocess.DEVNULL,
+) -> asyncio.subprocess.Process:
+    """Start a long-lived child the caller talks to over its stdin and stdout (a volume's
+    target process: its arguments in, READY or FAILED out), for the event loop. Unlike
+    ``start_daemon`` it stays in our process group: it is part of us, and goes when our
+    group is signalled. Raises CommandNotFound / CommandError as ``start_daemon`` does."""
+    args, env = _prepare(argv, None)
+    started = time.monotonic()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env,
+            close_fds=True)
     except OSError as exc:
         raise _spawn_error(args, exc, started) from exc
     log.debug("started pid=%d %s", proc.pid, shlex.join(args))

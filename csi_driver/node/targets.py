@@ -35,6 +35,7 @@ from csi_driver import errors
 from csi_driver.config import NodeConfig
 from csi_driver.node.ownership import OwnerLease
 from replication.atomic_file import write_atomic
+from replication.command import start_piped
 from replication.proc_identity import start_ticks
 
 log = logging.getLogger(__name__)
@@ -149,10 +150,8 @@ class TargetProcesses:
 
     async def _spawn(self, args: list[str]) -> asyncio.subprocess.Process:
         with open(self._dir / "standby.log", "ab") as log_file:
-            return await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "csi_driver.node.target_main", *args,
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log_file,
-            )
+            return await start_piped(
+                [sys.executable, "-m", "csi_driver.node.target_main", *args], stderr=log_file)
 
     async def prepare(self) -> None:
         """Keep one warm standby target (imports done) for the next stage."""

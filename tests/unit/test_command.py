@@ -216,3 +216,18 @@ def test_start_daemon_refuses_what_run_refuses() -> None:
         command.start_daemon(["/nonexistent/tandem-helper"])
     with pytest.raises(TypeError):
         command.start_daemon("sleep 1")  # a str is a Sequence[str]: refused at run time
+
+
+def test_start_piped_talks_over_stdin_and_stdout_in_our_group() -> None:
+    async def go() -> tuple[bytes, int, int]:
+        proc = await command.start_piped(["sh", "-c", 'read -r line; echo "got $line $LC_ALL"'])
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(b"args\n")
+        await proc.stdin.drain()
+        line = await asyncio.wait_for(proc.stdout.readline(), 10)
+        group = os.getpgid(proc.pid)
+        return line, group, await proc.wait()
+
+    line, group, rc = asyncio.run(go())
+    assert line == b"got args C\n" and rc == 0
+    assert group == os.getpgid(0)  # part of us: it goes when our group is signalled
