@@ -230,7 +230,7 @@ class KubeApi:
             phase = pod.status.phase if pod.status is not None else None
             facts.append(nd.PodFacts(
                 nd.PodRef(meta.namespace, meta.name, meta.uid or ""),
-                uses_tandem=bool(handles), daemon_set=daemon, tandem_volumes=tuple(handles),
+                daemon_set=daemon, tandem_volumes=tuple(handles),
                 blockers=tuple(blockers), finished=phase in ("Succeeded", "Failed"),
             ))
         return facts

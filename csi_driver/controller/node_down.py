@@ -108,13 +108,16 @@ class PodFacts:
     """A pod on a node: does it use a tandem volume (a PVC bound to a PV of our driver)?"""
 
     pod: PodRef
-    uses_tandem: bool
     daemon_set: bool = False  # recreated on the same node: deleting it gains nothing
     tandem_volumes: tuple[str, ...] = ()  # volume handles of its tandem PVs
     # Storage tandem cannot fence (another driver's PV, an inline network volume): named,
     # so the event can say why the pod is left alone.
     blockers: tuple[str, ...] = ()
     finished: bool = False  # phase Succeeded or Failed: holds nothing, gains nothing
+
+    @property
+    def uses_tandem(self) -> bool:
+        return bool(self.tandem_volumes)
 
 
 @dataclass(frozen=True)

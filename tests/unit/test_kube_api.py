@@ -226,7 +226,7 @@ def test_pod_facts_resolve_pvc_to_pv_to_driver() -> None:
     ]
     facts = {f.pod.name: f for f in api(core).pod_facts("a")}
     assert set(facts) == {"db-0", "db-1", "app", "web-1", "agent", "batch"}
-    assert facts["db-0"] == nd.PodFacts(nd.PodRef("ns", "db-0", "uid-db-0"), True, False,
+    assert facts["db-0"] == nd.PodFacts(nd.PodRef("ns", "db-0", "uid-db-0"),
                                         tandem_volumes=("pv-1",))
     assert facts["db-1"].uses_tandem and facts["db-1"].tandem_volumes == ("pv-1",)
     assert facts["db-1"].blockers == ("claim other (ebs.csi.aws.com)",)
@@ -791,7 +791,7 @@ def test_wire_pods_delete_and_event(stub: StubApiServer) -> None:
                       "spec": {"csi": {"driver": DRIVER_NAME, "volumeHandle": "v1"}}}
     kube = _real_client(stub.url)
     (facts,) = kube.pod_facts("a")
-    assert facts == nd.PodFacts(nd.PodRef("ns", "db-0", "uid-db-0"), True, False,
+    assert facts == nd.PodFacts(nd.PodRef("ns", "db-0", "uid-db-0"),
                                 tandem_volumes=("v1",))
     assert stub.requests[0][2]["fieldSelector"] == ["spec.nodeName=a"]
 

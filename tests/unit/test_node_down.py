@@ -48,7 +48,8 @@ def writes(actions: Iterable[nd.Action]) -> list[nd.Action]:
 
 
 def pod(name: str, *, tandem: bool = True, daemon: bool = False, ns: str = "ns") -> PodFacts:
-    return PodFacts(PodRef(ns, name, f"uid-{name}"), uses_tandem=tandem, daemon_set=daemon)
+    return PodFacts(PodRef(ns, name, f"uid-{name}"), daemon_set=daemon,
+                    tandem_volumes=(f"vol-{name}",) if tandem else ())
 
 
 @dataclass

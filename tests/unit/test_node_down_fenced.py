@@ -42,9 +42,8 @@ def knode(name: str, *, oos: bool = False, ours: bool = False) -> KubeNode:
 
 def pod(name: str, *volumes: str, blockers: Sequence[str] = (), daemon: bool = False,
         finished: bool = False) -> PodFacts:
-    return PodFacts(PodRef("ns", name, f"uid-{name}"), uses_tandem=bool(volumes),
-                    daemon_set=daemon, tandem_volumes=volumes, blockers=tuple(blockers),
-                    finished=finished)
+    return PodFacts(PodRef("ns", name, f"uid-{name}"), daemon_set=daemon,
+                    tandem_volumes=volumes, blockers=tuple(blockers), finished=finished)
 
 
 def vol(handle: str, claim: str | None, *isr: str) -> VolumeFacts:
